@@ -1,0 +1,11 @@
+"""Codecs: tensors to self-describing payloads of real bytes and back.
+
+Use :func:`parse_spec` to build one from a spec string, :func:`decode` to decode any payload, and
+:func:`encode_state_dict` / :func:`decode_state_dict` for a whole model update.
+"""
+
+from fedsqueeze.codecs import identity, uniform  # noqa: F401  (registration)
+from fedsqueeze.codecs.base import Codec, decode
+from fedsqueeze.codecs.spec import parse_spec
+
+__all__ = ["Codec", "decode", "parse_spec"]
