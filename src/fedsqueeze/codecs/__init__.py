@@ -6,6 +6,7 @@ Use :func:`parse_spec` to build one from a spec string, :func:`decode` to decode
 
 from fedsqueeze.codecs import identity, lossless, qsgd, sparse, uniform  # noqa: F401  (registration)
 from fedsqueeze.codecs.base import Codec, decode
+from fedsqueeze.codecs.model import decode_state_dict, encode_state_dict
 from fedsqueeze.codecs.spec import parse_spec
 
-__all__ = ["Codec", "decode", "parse_spec"]
+__all__ = ["Codec", "decode", "decode_state_dict", "encode_state_dict", "parse_spec"]

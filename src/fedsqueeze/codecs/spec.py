@@ -179,9 +179,9 @@ def parse_spec(spec: str) -> Codec:
     order = {"sparsifier": 0, "values": 1, "lossless": 2}
     kinds = [k for k, _, _ in built]
     ranks = [order[k] for k in kinds]
-    if ranks != sorted(ranks) or any(kinds.count(k) > 1 for k in ("sparsifier", "values")):
+    if ranks != sorted(ranks) or any(kinds.count(k) > 1 for k in order):
         raise ConfigError(
-            f"codec spec {spec!r}: stages must be [sparsifier] > [value coder] > [lossless...], "
+            f"codec spec {spec!r}: stages must be [sparsifier] > [value coder] > [lossless], each at most once, "
             f"got {' > '.join(kinds)}"
         )
     sparsifier = next(((c, a) for k, c, a in built if k == "sparsifier"), None)
