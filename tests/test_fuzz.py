@@ -13,13 +13,13 @@ import zlib
 
 import pytest
 import torch
-from codec_cases import CASES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedsqueeze
+from codec_cases import CASES
 from fedsqueeze.errors import DecodeError
-from fedsqueeze.wire import decode_container, encode_container
+from fedsqueeze.wire import decode_container
 from fedsqueeze.wire.frame import inspect
 
 EXAMPLES_PER_CODEC = 150
@@ -31,8 +31,12 @@ def payloads(spec: str) -> list[bytes]:
     if spec not in _PAYLOADS:
         c = fedsqueeze.parse_spec(spec)
         g = torch.Generator().manual_seed(0)
-        xs = [torch.randn(97, generator=g), torch.randn(4, 8, generator=g) * 5, torch.zeros(3),
-              torch.randn(2000, generator=g)]
+        xs = [
+            torch.randn(97, generator=g),
+            torch.randn(4, 8, generator=g) * 5,
+            torch.zeros(3),
+            torch.randn(2000, generator=g),
+        ]
         _PAYLOADS[spec] = [c.encode(x, rng=g) for x in xs]
     return _PAYLOADS[spec]
 

@@ -1,6 +1,6 @@
 """Regenerate tests/golden/codecs.json. Run only for an intended format change:
 
-    python tests/golden/make_golden.py
+python tests/golden/make_golden.py
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def main() -> None:
             "payload_hex": payload.hex(),
             "decoded_sha256": hashlib.sha256(y.numpy().tobytes()).hexdigest(),
         }
-    out = {"torch_version": torch.__version__, "input": "tests/test_conformance.py:golden_input",
-           "rng": "torch.Generator().manual_seed(1234)", "cases": cases}
+    out = {
+        "torch_version": torch.__version__,
+        "input": "tests/test_conformance.py:golden_input",
+        "rng": "torch.Generator().manual_seed(1234)",
+        "cases": cases,
+    }
     (HERE / "codecs.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {len(cases)} cases")
 

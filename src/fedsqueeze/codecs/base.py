@@ -13,13 +13,17 @@ that silently decodes to garbage.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from fedsqueeze.errors import DecodeError, EncodeError
 from fedsqueeze.wire.frame import FrameHeader, build_frame, parse_frame
+
+if TYPE_CHECKING:
+    from fedsqueeze.codecs.spec import SpecArgs
 
 Stage = Literal["values", "sparsifier", "lossless"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -59,6 +63,11 @@ class Codec(ABC):
         """Decode any fedsqueeze frame (the codec is looked up from the payload's header)."""
         return decode(payload)
 
+    @classmethod
+    def from_spec(cls, args: SpecArgs, **stages: Any) -> Codec:
+        """Build from a parsed spec stage (``values=`` / ``inner=`` carry neighbouring stages)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a spec string")
+
     @property
     def spec(self) -> str:
         """Canonical spec string; ``parse_spec(c.spec)`` rebuilds an equivalent codec."""
@@ -69,8 +78,10 @@ class Codec(ABC):
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
-    def _encode_body(self, flat: torch.Tensor, rng: torch.Generator | None) -> bytes:
-        """Encode a flat, contiguous float32 CPU tensor into the body bytes."""
+    def _encode_body(
+        self, flat: torch.Tensor, rng: torch.Generator | None
+    ) -> bytes | Sequence[bytes | memoryview]:
+        """Encode a flat, contiguous float32 CPU tensor into the body (bytes or parts to join)."""
 
     @classmethod
     @abstractmethod
@@ -88,7 +99,9 @@ class Codec(ABC):
                 f"{self.name}: expected a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}),"
                 f" got {x.dtype}; integer and bool tensors go through the lossless 'raw' codec"
             )
-        if x.numel() and not bool(torch.isfinite(x).all()):
+        # Fast path: a finite sum proves every entry finite (NaN/Inf propagate); an overflowing
+        # sum of finite values just falls through to the exact (slower) check.
+        if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise EncodeError(
                 f"{self.name}: input has {bad} non-finite entries (NaN or Inf) out of {x.numel()}; "

@@ -39,8 +39,7 @@ class _Cast(Codec):
         need = header.numel * cls.itemsize
         if len(body) != need:
             raise DecodeError(
-                f"{cls.name}: body must hold {header.numel} x {cls.itemsize} bytes = {need}, "
-                f"got {len(body)}"
+                f"{cls.name}: body must hold {header.numel} x {cls.itemsize} bytes = {need}, got {len(body)}"
             )
         return _from_le_bytes(body, cls.wire_dtype, header.numel).to(torch.float32)
 
@@ -124,7 +123,6 @@ class Raw(Codec):
         if len(body) != need:
             raise DecodeError(f"raw: body must hold {need} bytes for {header.shape}, got {len(body)}")
         return _from_le_bytes(body, header.dtype, header.numel)
-
 
 
 def _to_le_bytes(t: torch.Tensor) -> bytes:

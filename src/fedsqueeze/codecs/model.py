@@ -21,8 +21,7 @@ def encode_state_dict(
     """Encode every tensor of ``state`` (in order) into one container payload."""
     raw = Raw()
     frames = {
-        name: (codec if t.dtype in FLOAT_DTYPES else raw).encode(t, rng=rng)
-        for name, t in state.items()
+        name: (codec if t.dtype in FLOAT_DTYPES else raw).encode(t, rng=rng) for name, t in state.items()
     }
     return encode_container(frames)
 

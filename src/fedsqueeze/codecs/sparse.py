@@ -175,9 +175,7 @@ class _Explicit(_Sparsifier):
         idx = self._select(flat)
         k, d = idx.size, flat.numel()
         vals = flat[torch.from_numpy(idx)] if k else torch.zeros(0)
-        return b"".join(
-            (struct.pack("<I", k), encode_indices(idx, d), _values_frame(vals, self.values, rng))
-        )
+        return b"".join((struct.pack("<I", k), encode_indices(idx, d), _values_frame(vals, self.values, rng)))
 
     @classmethod
     def _decode_body(cls, body: memoryview, header: FrameHeader) -> torch.Tensor:
@@ -194,7 +192,9 @@ def _ratio_or_k(args: SpecArgs, name: str) -> tuple[float | None, int | None]:
     k_raw = args.optional("k")
     ratio_raw = args.optional("ratio", positional=True)
     if (k_raw is None) == (ratio_raw is None):
-        raise ConfigError(f"{name}: give exactly one of a ratio (e.g. '{name}:1%') or k (e.g. '{name}:k=100')")
+        raise ConfigError(
+            f"{name}: give exactly one of a ratio (e.g. '{name}:1%') or k (e.g. '{name}:k=100')"
+        )
     if k_raw is not None:
         try:
             return None, int(k_raw)
@@ -220,7 +220,7 @@ def _k_for(d: int, ratio: float | None, k: int | None) -> int:
     if k is not None:
         return min(k, d)
     assert ratio is not None
-    return min(d, max(1, int(round(ratio * d))))
+    return min(d, max(1, round(ratio * d)))
 
 
 def _fmt_ratio(ratio: float | None, k: int | None) -> str:
@@ -242,8 +242,9 @@ class TopK(_Explicit):
     codec_id = 32
     name = "topk"
 
-    def __init__(self, ratio: float | None = None, *, k: int | None = None,
-                 values: Codec | None = None) -> None:
+    def __init__(
+        self, ratio: float | None = None, *, k: int | None = None, values: Codec | None = None
+    ) -> None:
         _check_ratio_k("topk", ratio, k)
         super().__init__(values)
         self.ratio, self.k = ratio, k
@@ -338,8 +339,9 @@ class RandK(_Sparsifier):
     codec_id = 34
     name = "randk"
 
-    def __init__(self, ratio: float | None = None, *, k: int | None = None,
-                 values: Codec | None = None) -> None:
+    def __init__(
+        self, ratio: float | None = None, *, k: int | None = None, values: Codec | None = None
+    ) -> None:
         _check_ratio_k("randk", ratio, k)
         super().__init__(values)
         self.ratio, self.k = ratio, k

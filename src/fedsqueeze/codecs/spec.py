@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
 
 from fedsqueeze.codecs.base import Codec
 from fedsqueeze.errors import ConfigError
@@ -63,8 +62,15 @@ class SpecArgs:
     def _err(self, key: str, raw: str, expected: str) -> ConfigError:
         return ConfigError(f"codec stage {self.stage!r}: {key}={raw!r} is invalid; expected {expected}")
 
-    def int(self, key: str, default: int | None = None, *, positional: bool = False,
-            lo: int | None = None, hi: int | None = None) -> int:
+    def int(
+        self,
+        key: str,
+        default: int | None = None,
+        *,
+        positional: bool = False,
+        lo: int | None = None,
+        hi: int | None = None,
+    ) -> int:
         raw = self._raw(key, positional)
         if raw is None:
             if default is None:
@@ -110,9 +116,7 @@ class SpecArgs:
 
     def finish(self) -> None:
         if self.positional:
-            raise ConfigError(
-                f"codec stage {self.stage!r}: unexpected extra argument(s) {self.positional}"
-            )
+            raise ConfigError(f"codec stage {self.stage!r}: unexpected extra argument(s) {self.positional}")
         for key in self.keywords:
             close = difflib.get_close_matches(key, self.known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(self.known)}"
@@ -164,39 +168,40 @@ def parse_spec(spec: str) -> Codec:
     stages = [s for s in _SEP.split(spec.strip())]
     if any(not s for s in stages):
         raise ConfigError(f"codec spec {spec!r} has an empty stage (check the '>' separators)")
-    built: list[tuple[str, Codec | type, Any]] = []
+    built: list[tuple[str, type[Codec], SpecArgs]] = []
     for text in stages:
         name, pos, kw = _split_stage(text)
         cls = class_by_name(name)
         if cls is None:
             close = difflib.get_close_matches(name, names(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"unknown codec {name!r} in spec {spec!r}{hint} (known: {', '.join(names())})"
-            )
-        built.append((cls.stage, cls, SpecArgs(text.strip(), pos, kw)))  # type: ignore[attr-defined]
+            raise ConfigError(f"unknown codec {name!r} in spec {spec!r}{hint} (known: {', '.join(names())})")
+        built.append((cls.stage, cls, SpecArgs(text.strip(), pos, kw)))
 
     order = {"sparsifier": 0, "values": 1, "lossless": 2}
     kinds = [k for k, _, _ in built]
     ranks = [order[k] for k in kinds]
     if ranks != sorted(ranks) or any(kinds.count(k) > 1 for k in order):
         raise ConfigError(
-            f"codec spec {spec!r}: stages must be [sparsifier] > [value coder] > [lossless], each at most once, "
-            f"got {' > '.join(kinds)}"
+            f"codec spec {spec!r}: stages must be [sparsifier] > [value coder] > [lossless], "
+            f"each at most once, got {' > '.join(kinds)}"
         )
     sparsifier = next(((c, a) for k, c, a in built if k == "sparsifier"), None)
     values = next(((c, a) for k, c, a in built if k == "values"), None)
     lossless = [(c, a) for k, c, a in built if k == "lossless"]
 
-    codec: Codec | None = None
+    codec: Codec | None
     value_codec = values[0].from_spec(values[1]) if values else None
     if sparsifier is not None:
         codec = sparsifier[0].from_spec(sparsifier[1], values=value_codec)
     else:
         codec = value_codec
-    for cls, args in lossless:
+    for lcls, largs in lossless:
         if codec is None:  # "zstd" alone: lossless compression of the fp32 values
-            codec = class_by_name("fp32").from_spec(SpecArgs("fp32", [], {}))  # type: ignore[union-attr]
-        codec = cls.from_spec(args, inner=codec)
-    assert codec is not None
+            from fedsqueeze.codecs.identity import Fp32
+
+            codec = Fp32()
+        codec = lcls.from_spec(largs, inner=codec)
+    if codec is None:  # unreachable: the loop above built at least one stage
+        raise ConfigError(f"codec spec {spec!r} names no codec")
     return codec

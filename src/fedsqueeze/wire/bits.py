@@ -76,7 +76,9 @@ def unpack_uint(buf: bytes | memoryview, bits: int, count: int) -> npt.NDArray[n
         raise DecodeError(f"bit width must be in 1..16, got {bits}")
     need = packed_nbytes(count, bits)
     if len(buf) != need:
-        raise DecodeError(f"packed section of {count} x {bits}-bit entries needs {need} bytes, got {len(buf)}")
+        raise DecodeError(
+            f"packed section of {count} x {bits}-bit entries needs {need} bytes, got {len(buf)}"
+        )
     if count == 0:
         return np.zeros(0, np.int64)
     b = np.frombuffer(buf, dtype=np.uint8)
@@ -201,8 +203,7 @@ class Reader:
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or n > self.remaining:
             raise DecodeError(
-                f"{self.context}: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.remaining} remain"
+                f"{self.context}: {what} needs {n} bytes at offset {self.pos}, only {self.remaining} remain"
             )
         out = self.buf[self.pos : self.pos + n]
         self.pos += n

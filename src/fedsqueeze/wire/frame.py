@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,17 +96,26 @@ class FrameHeader:
         }
 
 
-def build_frame(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], body: bytes) -> bytes:
-    """Wrap a codec body in a header. The CRC covers the header fields and the body."""
+def build_frame(
+    codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], body: bytes | Sequence[bytes | memoryview]
+) -> bytes:
+    """Wrap a codec body (bytes, or a list of parts joined once) in a header.
+
+    The CRC covers the header fields and the body.
+    """
     if dtype not in DTYPE_CODES:
         raise ValueError(f"dtype {dtype} has no wire code; supported: {list(DTYPE_CODES)}")
     if len(shape) > MAX_NDIM:
         raise ValueError(f"at most {MAX_NDIM} dimensions are supported, got {len(shape)}")
+    parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
+    body_len = sum(len(p) for p in parts)
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[dtype], 0, len(shape))
     head += struct.pack(f"<{len(shape)}I", *shape)
-    head += struct.pack("<I", len(body))
-    crc = zlib.crc32(body, zlib.crc32(head))
-    return b"".join((head, struct.pack("<I", crc), body))
+    head += struct.pack("<I", body_len)
+    crc = zlib.crc32(head)
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return b"".join((head, struct.pack("<I", crc), *parts))
 
 
 def _read_header(buf: memoryview) -> FrameHeader:
