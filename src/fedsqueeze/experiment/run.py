@@ -1,0 +1,425 @@
+"""``run(config) -> RunResult``: the federated round loop, its outputs, checkpoints and resume.
+
+Per round t (1-based in the outputs):
+
+1. sample clients (seed tree: ``(seed, "sample", t)``);
+2. downlink: the server's broadcast payload, charged per sampled client (see ``channel``);
+3. local training from the model the clients decoded (``fedsqueeze.sim.local.train_clients``);
+4. uplink: each client's model difference through the uplink codec (+ EF); a non-finite update is
+   rejected (logged and counted), never aggregated;
+5. aggregation and server step (``algorithms``), on what the server decoded from the bytes;
+6. network model: ``modelled_round_time_s`` = slowest client's download + compute + upload;
+7. evaluation every ``eval.every`` rounds and on the last round; one line appended to
+   ``metrics.jsonl`` (flushed), so a killed run loses nothing already written;
+8. a checkpoint every ``checkpoint.every`` rounds (safetensors + JSON, written atomically).
+
+A run is deterministic: the same config and seed give identical metrics (``wall_time_s`` aside, and
+``modelled_time_s`` too when ``network.compute = "measured"``). ``resume=True`` restarts from the
+last checkpoint and reaches the same final metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedsqueeze import __version__
+from fedsqueeze.algorithms import FedAvg
+from fedsqueeze.channel import DownlinkChannel, ParamLayout, UplinkChannel
+from fedsqueeze.errors import ConfigError, FedSqueezeError
+from fedsqueeze.experiment.config import RunConfig
+from fedsqueeze.sim.seeds import derive_seed, np_rng, torch_rng
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+CKPT = "checkpoint"
+
+
+class RunDiverged(FedSqueezeError):
+    """The global model or its test loss became NaN/Inf; the run stopped, outputs kept."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its directory, per-round metrics and the summary."""
+
+    out_dir: Path
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    status: str = "completed"
+    plots: list[Path] = field(default_factory=list)
+
+
+_SLOW_ROUND_S = float(os.environ.get("FEDSQUEEZE_TEST_SLOW_ROUND_S", "0") or 0)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> tuple[float, float]:
+    """Test accuracy and mean cross-entropy of ``model`` with ``params`` (functional call)."""
+    correct, loss_sum = 0, 0.0
+    for s in range(0, len(y), batch_size):
+        out = torch.func.functional_call(model, params, (x[s : s + batch_size],))
+        yy = y[s : s + batch_size]
+        loss_sum += float(torch.nn.functional.cross_entropy(out, yy, reduction="sum"))
+        correct += int((out.argmax(dim=1) == yy).sum())
+    n = max(1, len(y))
+    return correct / n, loss_sum / n
+
+
+class _Setup:
+    """Everything built from the config before the first round (data, model, channels)."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path) -> None:
+        from fedsqueeze.data import load_dataset, partition
+        from fedsqueeze.models import build_model
+        from fedsqueeze.network import NetworkModel
+
+        self.cfg = cfg
+        d = cfg.data
+        self.data = load_dataset(d.dataset, d.data_dir, download=d.download, **d.options)
+        labels = self.data.train.y.numpy()
+        self.parts = partition(
+            labels,
+            d.num_clients,
+            d.partition,
+            seed=derive_seed(cfg.seed, "partition"),
+            alpha=d.alpha,
+            shards_per_client=d.shards_per_client,
+            natural=self.data.natural_clients,
+            min_size=d.min_client_size,
+        )
+        self.client_data = [(self.data.train.x[p], self.data.train.y[p]) for p in self.parts]
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        self.model = build_model(
+            cfg.model.name, self.data.input_shape, self.data.num_classes, **cfg.model.options
+        )
+        self.model.eval()
+        params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.layout = ParamLayout.from_state(params)
+        self.x0 = self.layout.flatten(params)
+        c = cfg.compression
+        offload = str(out_dir / "state") if c.state_offload else None
+        self.uplink = UplinkChannel(
+            c.uplink, self.layout, ef=c.uplink_ef, state_dtype=_dtype(c.state_dtype), offload_dir=offload
+        )
+        self.downlink = DownlinkChannel(c.downlink, self.layout, mode=c.downlink_mode, ef=c.downlink_ef)
+        self.algo = FedAvg(server_lr=cfg.server.lr, server_momentum=cfg.server.momentum)
+        self.network = NetworkModel(cfg.network.profile, d.num_clients, derive_seed(cfg.seed, "network"))
+        self.per_round = cfg.clients_per_round()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(out: Path, s: _Setup, x: torch.Tensor, round_idx: int, totals: dict[str, float]) -> None:
+    tmp = out / (CKPT + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {"global/x": x, **s.algo.state_dict(), **s.downlink.state_dict()}
+    if s.uplink.store is not None and s.uplink.store.offload_dir is None:
+        tensors.update(s.uplink.state_dict())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+    if s.uplink.store is not None and s.uplink.store.offload_dir is not None:
+        shutil.copytree(s.uplink.store.offload_dir, tmp / "offload")
+    meta = {"round": round_idx, "totals": totals, "downlink": s.downlink.meta(), "version": __version__}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    final = out / CKPT
+    old = out / (CKPT + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(out: Path, s: _Setup) -> tuple[torch.Tensor, int, dict[str, float]]:
+    ck = out / CKPT
+    if not (ck / "meta.json").exists():
+        raise ConfigError(f"--resume: no checkpoint in {out} (set checkpoint.every > 0 to write them)")
+    meta = json.loads((ck / "meta.json").read_text())
+    tensors = load_file(str(ck / "tensors.safetensors"))
+    s.algo.load_state_dict(tensors)
+    s.downlink.load_state_dict(tensors, meta["downlink"])
+    if s.uplink.store is not None:
+        if s.uplink.store.offload_dir is None:
+            s.uplink.load_state_dict(tensors)
+        else:
+            shutil.rmtree(s.uplink.store.offload_dir, ignore_errors=True)
+            shutil.copytree(ck / "offload", s.uplink.store.offload_dir)
+    return tensors["global/x"], int(meta["round"]), {k: float(v) for k, v in meta["totals"].items()}
+
+
+def _truncate_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
+    """Keep the records of rounds <= last_round (drops a torn last line of a killed run)."""
+    kept: list[dict[str, Any]] = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if rec.get("round", 0) <= last_round:
+                kept.append(rec)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def run(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    plots: bool = True,
+) -> RunResult:
+    """Run (or resume) a federated experiment; write its outputs under ``out_dir``."""
+    from fedsqueeze.sim.local import LocalTrainConfig, train_clients
+
+    out = Path(out_dir)
+    if resume:
+        saved = out / CONFIG
+        if not saved.exists():
+            raise ConfigError(f"--resume: {saved} not found; is {out} a fedsqueeze run directory?")
+        saved_cfg = json.loads(saved.read_text())["config"]
+        if saved_cfg != cfg.to_dict():
+            raise ConfigError(
+                f"--resume: the config differs from the one saved in {saved}; resume with the same config"
+            )
+    else:
+        if (out / METRICS).exists():
+            raise ConfigError(
+                f"{out} already holds a run; use --resume to continue it or choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(
+            out / CONFIG,
+            {
+                "config": cfg.to_dict(),
+                "fedsqueeze": __version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+            },
+        )
+    s = _Setup(cfg, out)
+    x = s.x0
+    start = 0
+    totals = {
+        "cum_uplink_bytes": 0.0,
+        "cum_downlink_bytes": 0.0,
+        "modelled_time_s": 0.0,
+        "wall_time_s": 0.0,
+        "local_steps": 0.0,
+        "rejected_updates": 0.0,
+    }
+    metrics: list[dict[str, Any]] = []
+    if resume:
+        x, start, totals = _load_checkpoint(out, s)
+        metrics = _truncate_metrics(out / METRICS, start)
+    local_cfg = LocalTrainConfig(
+        epochs=cfg.clients.epochs,
+        batch_size=cfg.clients.batch_size,
+        lr=cfg.clients.lr,
+        momentum=cfg.clients.momentum,
+        weight_decay=cfg.clients.weight_decay,
+        max_steps=cfg.clients.max_steps,
+    )
+    status = "completed"
+    message = ""
+    mfile = (out / METRICS).open("a")
+    try:
+        for t in range(start, cfg.rounds):
+            t0 = time.perf_counter()
+            rec = _one_round(cfg, s, t, x, local_cfg, train_clients)
+            x = rec.pop("_x")
+            totals["cum_uplink_bytes"] += rec["uplink_bytes"]
+            totals["cum_downlink_bytes"] += rec["downlink_bytes"]
+            totals["modelled_time_s"] += rec["modelled_round_time_s"]
+            totals["local_steps"] += rec["local_steps"]
+            totals["rejected_updates"] += rec["rejected_updates"]
+            evaluate_now = (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds
+            acc: float | None = None
+            loss: float | None = None
+            finite = bool(torch.isfinite(x).all())
+            if evaluate_now or not finite:
+                acc, loss = evaluate(
+                    s.model, s.layout.unflatten(x), s.data.test.x, s.data.test.y, cfg.eval.batch_size
+                )
+            totals["wall_time_s"] += time.perf_counter() - t0
+            rec.update(
+                test_accuracy=acc,
+                test_loss=loss,
+                cum_uplink_bytes=int(totals["cum_uplink_bytes"]),
+                cum_downlink_bytes=int(totals["cum_downlink_bytes"]),
+                modelled_time_s=totals["modelled_time_s"],
+                wall_time_s=totals["wall_time_s"],
+                cum_local_steps=int(totals["local_steps"]),
+            )
+            rec = {"round": t + 1, **rec}
+            mfile.write(json.dumps(rec) + "\n")
+            mfile.flush()
+            metrics.append(rec)
+            if progress is not None:
+                progress(rec)
+            all_rejected = rec["rejected_updates"] > 0 and rec["aggregated_clients"] == 0
+            if not finite or (loss is not None and not math.isfinite(loss)) or all_rejected:
+                status = "diverged"
+                what = (
+                    "every client update was NaN/Inf (local training diverged)"
+                    if all_rejected
+                    else "the global model or its test loss is NaN/Inf"
+                )
+                message = (
+                    f"round {t + 1}: {what}; the run stopped. Lower clients.lr or server.lr; "
+                    "metrics up to this round are kept"
+                )
+                break
+            if cfg.checkpoint.every and (t + 1) % cfg.checkpoint.every == 0:
+                _save_checkpoint(out, s, x, t + 1, totals)
+            if _SLOW_ROUND_S:  # test hook: lets the kill-and-resume test interrupt a run mid-way
+                time.sleep(_SLOW_ROUND_S)
+    finally:
+        mfile.close()
+    summary = _summary(cfg, metrics, status, message, s)
+    _write_json_atomic(out / SUMMARY, summary)
+    paths: list[Path] = []
+    if plots and metrics:
+        from fedsqueeze.reports import load_run, plot_run
+
+        paths = plot_run(load_run(out), out)
+    result = RunResult(out, metrics, summary, status, paths)
+    if status == "diverged":
+        raise RunDiverged(message)
+    return result
+
+
+def _one_round(
+    cfg: RunConfig, s: _Setup, t: int, x: torch.Tensor, local_cfg: Any, train_clients: Any
+) -> dict[str, Any]:
+    seed = cfg.seed
+    clients = sorted(
+        int(c) for c in np_rng(seed, "sample", t).choice(cfg.data.num_clients, s.per_round, replace=False)
+    )
+    bc = s.downlink.broadcast(x, t, rng=torch_rng(seed, "down", t))
+    down_bytes = [s.downlink.charge(c, t, bc.nbytes) for c in clients]
+    dropped = [c for c in clients if s.network.dropped(c, t)]
+    active = [c for c in clients if c not in dropped]
+    start = s.layout.unflatten(bc.decoded)
+    t_train = time.perf_counter()
+    results = (
+        train_clients(
+            s.model,
+            start,
+            [s.client_data[c] for c in active],
+            local_cfg,
+            [derive_seed(seed, "train", t, c) for c in active],
+            engine=cfg.clients.engine,
+        )
+        if active
+        else []
+    )
+    train_s = time.perf_counter() - t_train
+    up_bytes: dict[int, int] = {}
+    decoded: dict[int, torch.Tensor] = {}
+    weights: dict[int, float] = {}
+    rejected: list[int] = []
+    steps: dict[int, int] = {}
+    losses = []
+    for c, r in zip(active, results, strict=True):
+        delta = s.layout.flatten(r.delta)
+        steps[c] = r.steps
+        if not bool(torch.isfinite(delta).all()):
+            rejected.append(c)  # a NaN/Inf update is excluded, never encoded or aggregated
+            continue
+        dl = s.uplink.send(c, delta, rng=torch_rng(seed, "up", t, c))
+        up_bytes[c] = dl.nbytes
+        decoded[c] = dl.decoded
+        weights[c] = float(r.num_samples)
+        losses.append(r.train_loss)
+    if cfg.network.compute == "measured":
+        compute = {c: train_s / max(1, len(active)) for c in active}
+    else:
+        compute = {c: steps.get(c, 0) * cfg.network.compute_s_per_step for c in active}
+    senders = list(up_bytes)
+    timing = s.network.round_time(
+        t,
+        senders,
+        [down_bytes[clients.index(c)] for c in senders],
+        [up_bytes[c] for c in senders],
+        [compute[c] for c in senders],
+        deadline_s=cfg.network.deadline_s,
+    )
+    accepted = [c for c in senders if c not in set(timing.stragglers)]
+    if accepted:
+        agg = s.algo.aggregate([decoded[c] for c in accepted], [weights[c] for c in accepted])
+        x = s.algo.server_update(x, agg)
+    return {
+        "_x": x,
+        "clients": clients,
+        "uplink_bytes": int(sum(up_bytes.values())),
+        "downlink_bytes": int(sum(down_bytes)),
+        "uplink_bytes_per_client": [up_bytes.get(c, 0) for c in clients],
+        "downlink_bytes_per_client": down_bytes,
+        "modelled_round_time_s": timing.modelled_time_s,
+        "train_loss": float(np.mean(losses)) if losses else None,
+        "local_steps": int(sum(steps.values())),
+        "rejected_updates": len(rejected),
+        "rejected_clients": rejected,
+        "dropped_clients": dropped,
+        "stragglers": list(timing.stragglers),
+        "aggregated_clients": len(accepted),
+    }
+
+
+def _summary(
+    cfg: RunConfig, metrics: list[dict[str, Any]], status: str, message: str, s: _Setup
+) -> dict[str, Any]:
+    evals = [m for m in metrics if m.get("test_accuracy") is not None]
+    last = metrics[-1] if metrics else {}
+    return {
+        "name": cfg.name,
+        "status": status,
+        "message": message,
+        "rounds_completed": len(metrics),
+        "final_test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "best_test_accuracy": max((m["test_accuracy"] for m in evals), default=None),
+        "final_test_loss": evals[-1]["test_loss"] if evals else None,
+        "total_uplink_bytes": last.get("cum_uplink_bytes", 0),
+        "total_downlink_bytes": last.get("cum_downlink_bytes", 0),
+        "modelled_time_s": last.get("modelled_time_s", 0.0),
+        "wall_time_s": last.get("wall_time_s", 0.0),
+        "local_steps": last.get("cum_local_steps", 0),
+        "rejected_updates": int(sum(m.get("rejected_updates", 0) for m in metrics)),
+        "model_params": s.layout.numel,
+        "dense_update_bytes": s.layout.numel * 4,
+        "num_clients": cfg.data.num_clients,
+        "clients_per_round": s.per_round,
+        "uplink": cfg.compression.uplink,
+        "uplink_ef": cfg.compression.uplink_ef,
+        "downlink": cfg.compression.downlink,
+        "uplink_state_bytes_ram": s.uplink.store.nbytes_ram if s.uplink.store is not None else 0,
+        "uplink_state_bytes_disk": s.uplink.store.nbytes_disk if s.uplink.store is not None else 0,
+    }
