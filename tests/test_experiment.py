@@ -225,3 +225,16 @@ def test_unknown_key_in_a_file_suggests_the_nearest(tmp_path: Path) -> None:
 def test_missing_data_files_are_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mnist"):
         run(cfg(data__dataset="mnist", data__data_dir=str(tmp_path / "nothing")), tmp_path / "x")
+
+
+def test_yaml_config_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "name: y\nrounds: 2\nclients:\n  lr: 0.2\n  per_round: 3\n"
+        "compression:\n  uplink: 'topk:1% > uniform:4'\n"
+    )
+    c = load_config(p)
+    assert c.rounds == 2 and c.clients.lr == 0.2 and c.compression.uplink == "topk:1% > uniform:4"
+    p.write_text("clients:\n  lr: [oops\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
