@@ -238,3 +238,82 @@ def test_yaml_config_is_accepted(tmp_path: Path) -> None:
     p.write_text("clients:\n  lr: [oops\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(p)
+
+
+def test_attack_hurts_mean_and_median_resists(tmp_path: Path) -> None:
+    base = {
+        "rounds": 8,
+        "data.num_clients": 10,
+        "clients.per_round": 10,
+        "attack.name": "sign_flip",
+        "attack.fraction": 0.2,
+        "attack.options": {"scale": 4.0},
+    }
+    mean = run(config_from_dict(apply_overrides(TINY, base)), tmp_path / "m", plots=False)
+    med = run(
+        config_from_dict(
+            apply_overrides(TINY, {**base, "algorithm.aggregator": "median", "algorithm.num_byzantine": 2})
+        ),
+        tmp_path / "d",
+        plots=False,
+    )
+    honest = run(
+        config_from_dict(
+            apply_overrides(TINY, {k: v for k, v in base.items() if not k.startswith("attack")})
+        ),
+        tmp_path / "h",
+        plots=False,
+    )
+    acc = {
+        k: r.summary["final_test_accuracy"] for k, r in (("mean", mean), ("median", med), ("honest", honest))
+    }
+    assert acc["median"] > acc["mean"] + 0.1, acc
+    assert acc["honest"] > 0.5, acc
+
+
+def test_aggregator_tolerance_is_checked_at_config_time() -> None:
+    with pytest.raises(ConfigError, match="cannot tolerate"):
+        cfg(algorithm__aggregator="krum", algorithm__num_byzantine=1)  # 3 per round: krum needs n > 2f+2
+    with pytest.raises(ConfigError, match=r"trim|beta"):
+        cfg(algorithm__aggregator="trimmed_mean", algorithm__aggregator_options={"beta": 0.5})
+    with pytest.raises(ConfigError, match="central"):
+        cfg(privacy__mode="central", algorithm__aggregator="median")
+
+
+def test_nan_update_from_one_client_is_rejected_and_the_run_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsqueeze.sim.local as local
+
+    real = local.train_clients
+
+    def poisoned(*args: object, **kwargs: object) -> list:
+        results = real(*args, **kwargs)  # type: ignore[arg-type]
+        first = next(iter(results[0].delta))
+        results[0].delta[first] = results[0].delta[first] * float("nan")  # one client diverges
+        return results
+
+    monkeypatch.setattr(local, "train_clients", poisoned)
+    res = run(cfg(), tmp_path / "n", plots=False)
+    assert res.status == "completed"
+    assert res.summary["rejected_updates"] == 4  # one per round, logged and counted
+    assert all(r["rejected_updates"] == 1 and r["aggregated_clients"] == 2 for r in res.metrics)
+    assert all(
+        r["test_accuracy"] is not None and r["test_accuracy"] == r["test_accuracy"] for r in res.metrics
+    )
+
+
+def test_central_dp_reports_epsilon(tmp_path: Path) -> None:
+    res = run(
+        cfg(privacy__mode="central", privacy__noise_multiplier=1.0, privacy__clip_norm=1.0),
+        tmp_path / "p",
+        plots=False,
+    )
+    eps = res.summary["privacy"]["epsilon"]
+    assert 0 < eps < 100
+    more = run(
+        cfg(privacy__mode="central", privacy__noise_multiplier=4.0, privacy__clip_norm=1.0),
+        tmp_path / "q",
+        plots=False,
+    )
+    assert more.summary["privacy"]["epsilon"] < eps

@@ -97,8 +97,39 @@ class ServerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
+    """The algorithm and its aggregation rule (``fedsqueeze.algorithms.aggregators``).
+
+    ``num_byzantine`` is how many Byzantine clients per round the aggregator is configured to
+    tolerate (checked against clients per round up front).
+    """
+
     name: Literal["fedavg"] = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
+    aggregator: str = "mean"
+    aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    num_byzantine: int = Field(0, ge=0)
+
+
+class AttackConfig(_Section):
+    """A simulated Byzantine attack by a seeded ``fraction`` of all clients (``none`` = honest run)."""
+
+    name: str = "none"
+    fraction: float = Field(0.0, ge=0, lt=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: per-client clipping to ``clip_norm`` and Gaussian noise.
+
+    ``central``: the server clips each decoded update, sums, adds N(0, σ²C²) once, divides by the
+    cohort size. ``local``: each client clips and adds N(0, σ²C²) before error feedback and encoding
+    (compression after noise is post-processing). ε is reported with Opacus's RDP accountant.
+    """
+
+    mode: Literal["none", "central", "local"] = "none"
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
 
 
 class CompressionConfig(_Section):
@@ -156,6 +187,8 @@ class RunConfig(_Section):
     server: ServerConfig = ServerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     compression: CompressionConfig = CompressionConfig()
+    attack: AttackConfig = AttackConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     network: NetworkConfig = NetworkConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -256,8 +289,26 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
         raise ConfigError("invalid config: " + "; ".join(msgs)) from None
     except ConfigError:
         raise
-    cfg.clients_per_round()  # cross-field check
+    _check_cross_fields(cfg)
     return cfg
+
+
+def _check_cross_fields(cfg: RunConfig) -> None:
+    """Checks that need several sections (all raise ConfigError before any work starts)."""
+    from fedsqueeze.algorithms.aggregators import make_aggregator
+    from fedsqueeze.algorithms.attacks import make_attack
+
+    per_round = cfg.clients_per_round()
+    a = cfg.algorithm
+    agg = make_aggregator(a.aggregator, **a.aggregator_options)
+    agg.require(per_round, a.num_byzantine)
+    if cfg.attack.name != "none":
+        make_attack(cfg.attack.name, cfg.attack.fraction, **cfg.attack.options)
+    if cfg.privacy.mode == "central" and a.aggregator != "mean":
+        raise ConfigError(
+            f"privacy.mode = 'central' replaces the aggregator with the clipped noisy mean; "
+            f"it cannot be combined with algorithm.aggregator = {a.aggregator!r}"
+        )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

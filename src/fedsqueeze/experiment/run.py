@@ -36,6 +36,9 @@ from safetensors.torch import load_file, save_file
 
 from fedsqueeze import __version__
 from fedsqueeze.algorithms import FedAvg
+from fedsqueeze.algorithms.aggregators import make_aggregator
+from fedsqueeze.algorithms.attacks import make_attack
+from fedsqueeze.algorithms.privacy import CentralDP, LocalDP, compute_epsilon
 from fedsqueeze.channel import DownlinkChannel, ParamLayout, UplinkChannel
 from fedsqueeze.errors import ConfigError, FedSqueezeError
 from fedsqueeze.experiment.config import RunConfig
@@ -124,6 +127,21 @@ class _Setup:
         )
         self.downlink = DownlinkChannel(c.downlink, self.layout, mode=c.downlink_mode, ef=c.downlink_ef)
         self.algo = FedAvg(server_lr=cfg.server.lr, server_momentum=cfg.server.momentum)
+        self.aggregator = make_aggregator(cfg.algorithm.aggregator, **cfg.algorithm.aggregator_options)
+        self.attack = (
+            make_attack(
+                cfg.attack.name,
+                cfg.attack.fraction,
+                seed=derive_seed(cfg.seed, "attack"),
+                **cfg.attack.options,
+            )
+            if cfg.attack.name != "none"
+            else None
+        )
+        p = cfg.privacy
+        self.local_dp = LocalDP(p.clip_norm, p.noise_multiplier) if p.mode == "local" else None
+        self.central_dp = CentralDP(p.clip_norm, p.noise_multiplier) if p.mode == "central" else None
+        self.participations: dict[int, int] = {}
         self.network = NetworkModel(cfg.network.profile, d.num_clients, derive_seed(cfg.seed, "network"))
         self.per_round = cfg.clients_per_round()
 
@@ -139,13 +157,19 @@ def _save_checkpoint(out: Path, s: _Setup, x: torch.Tensor, round_idx: int, tota
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors = {"global/x": x, **s.algo.state_dict(), **s.downlink.state_dict()}
+    tensors = {"global/x": x, **s.algo.state_dict(), **s.downlink.state_dict(), **s.aggregator.state_dict()}
     if s.uplink.store is not None and s.uplink.store.offload_dir is None:
         tensors.update(s.uplink.state_dict())
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
     if s.uplink.store is not None and s.uplink.store.offload_dir is not None:
         shutil.copytree(s.uplink.store.offload_dir, tmp / "offload")
-    meta = {"round": round_idx, "totals": totals, "downlink": s.downlink.meta(), "version": __version__}
+    meta = {
+        "round": round_idx,
+        "totals": totals,
+        "downlink": s.downlink.meta(),
+        "participations": {str(k): v for k, v in s.participations.items()},
+        "version": __version__,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta))
     final = out / CKPT
     old = out / (CKPT + ".old")
@@ -163,7 +187,9 @@ def _load_checkpoint(out: Path, s: _Setup) -> tuple[torch.Tensor, int, dict[str,
     meta = json.loads((ck / "meta.json").read_text())
     tensors = load_file(str(ck / "tensors.safetensors"))
     s.algo.load_state_dict(tensors)
+    s.aggregator.load_state_dict(tensors)
     s.downlink.load_state_dict(tensors, meta["downlink"])
+    s.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
     if s.uplink.store is not None:
         if s.uplink.store.offload_dir is None:
             s.uplink.load_state_dict(tensors)
@@ -333,7 +359,7 @@ def _one_round(
         train_clients(
             s.model,
             start,
-            [s.client_data[c] for c in active],
+            [_client_data(s, c) for c in active],
             local_cfg,
             [derive_seed(seed, "train", t, c) for c in active],
             engine=cfg.clients.engine,
@@ -348,12 +374,19 @@ def _one_round(
     rejected: list[int] = []
     steps: dict[int, int] = {}
     losses = []
-    for c, r in zip(active, results, strict=True):
-        delta = s.layout.flatten(r.delta)
+    deltas = [s.layout.flatten(r.delta) for r in results]
+    if s.attack is not None and not s.attack.poisons_data and deltas:
+        # Byzantine clients replace their raw update; it still goes through EF and the codec,
+        # so what they send is a real, measured payload.
+        deltas = s.attack(deltas, active, num_clients=cfg.data.num_clients, round=t)
+    for c, r, delta in zip(active, results, deltas, strict=True):
         steps[c] = r.steps
         if not bool(torch.isfinite(delta).all()):
             rejected.append(c)  # a NaN/Inf update is excluded, never encoded or aggregated
             continue
+        if s.local_dp is not None:  # clip + noise on the client, before EF and encoding
+            delta = s.local_dp.privatize(delta, generator=torch_rng(seed, "local-dp", t, c))
+        s.participations[c] = s.participations.get(c, 0) + 1
         dl = s.uplink.send(c, delta, rng=torch_rng(seed, "up", t, c))
         up_bytes[c] = dl.nbytes
         decoded[c] = dl.decoded
@@ -373,9 +406,25 @@ def _one_round(
         deadline_s=cfg.network.deadline_s,
     )
     accepted = [c for c in senders if c not in set(timing.stragglers)]
+    skipped = ""
     if accepted:
-        agg = s.algo.aggregate([decoded[c] for c in accepted], [weights[c] for c in accepted])
-        x = s.algo.server_update(x, agg)
+        ups = [decoded[c] for c in accepted]
+        f = cfg.algorithm.num_byzantine
+        if s.central_dp is not None:
+            agg = s.central_dp.aggregate(
+                ups, generator=torch_rng(seed, "central-dp", t), denominator=s.per_round
+            )
+        elif s.aggregator.tolerates(len(ups), f):
+            agg = s.aggregator(ups, [weights[c] for c in accepted], num_byzantine=f)
+        else:  # drops/stragglers left too few updates for the rule's guarantee: keep the model
+            agg = None
+            skipped = f"{s.aggregator.name} cannot tolerate f={f} among n={len(ups)} updates"
+        if agg is not None:
+            x_new = s.algo.server_update(x, agg)
+            observe = getattr(s.aggregator, "observe_step", None)
+            if observe is not None:
+                observe(float((x_new - x).norm()))
+            x = x_new
     return {
         "_x": x,
         "clients": clients,
@@ -390,8 +439,38 @@ def _one_round(
         "rejected_clients": rejected,
         "dropped_clients": dropped,
         "stragglers": list(timing.stragglers),
-        "aggregated_clients": len(accepted),
+        "aggregated_clients": len(accepted) if not skipped else 0,
+        "skipped_aggregation": skipped or None,
     }
+
+
+def _client_data(s: _Setup, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Client ``c``'s training data; a label-flipping Byzantine client trains on poisoned labels."""
+    x, y = s.client_data[c]
+    if s.attack is not None and s.attack.poisons_data:
+        y = s.attack.poison_labels(y, s.data.num_classes, c)
+    return x, y
+
+
+def privacy_spent(cfg: RunConfig, s: _Setup, rounds: int) -> dict[str, Any] | None:
+    """ε so far (Opacus RDP): central -> per run; local -> worst client over its participations."""
+    p = cfg.privacy
+    if p.mode == "none" or rounds == 0 or p.noise_multiplier == 0:
+        return None if p.mode == "none" else {"epsilon": float("inf"), "delta": p.delta, "mode": p.mode}
+    if p.mode == "central":
+        spent = compute_epsilon(
+            noise_multiplier=p.noise_multiplier,
+            sample_rate=s.per_round / cfg.data.num_clients,
+            steps=rounds,
+            delta=p.delta,
+        )
+    else:
+        assert s.local_dp is not None
+        most = max(s.participations.values(), default=0)
+        if most == 0:
+            return {"epsilon": 0.0, "delta": p.delta, "mode": p.mode}
+        spent = s.local_dp.epsilon(most, p.delta)
+    return {"epsilon": spent.epsilon, "delta": p.delta, "mode": p.mode, "accountant": spent.accountant}
 
 
 def _summary(
@@ -420,6 +499,11 @@ def _summary(
         "uplink": cfg.compression.uplink,
         "uplink_ef": cfg.compression.uplink_ef,
         "downlink": cfg.compression.downlink,
+        "privacy": privacy_spent(cfg, s, len(metrics)),
+        "aggregator": cfg.algorithm.aggregator,
+        "attack": None
+        if cfg.attack.name == "none"
+        else {"name": cfg.attack.name, "fraction": cfg.attack.fraction},
         "uplink_state_bytes_ram": s.uplink.store.nbytes_ram if s.uplink.store is not None else 0,
         "uplink_state_bytes_disk": s.uplink.store.nbytes_disk if s.uplink.store is not None else 0,
     }
