@@ -46,7 +46,7 @@ def test_every_registered_codec_is_covered() -> None:
             covered.add(c.name)
             c = (
                 getattr(c, "inner", None) or getattr(c, "values", None)
-                if c.name in ("zstd", "topk", "randk", "threshold")
+                if c.name in ("zstd", "ans", "topk", "randk", "threshold")
                 else None
             )
     missing = set(registry.names()) - covered
@@ -66,6 +66,16 @@ def test_wire_ids_are_stable() -> None:
         33: "threshold",
         34: "randk",
         48: "zstd",
+        64: "lloydmax",
+        65: "m22",
+        66: "weibull_lloyd",
+        67: "tinyscript",
+        80: "fp8",
+        81: "fp4",
+        84: "powersgd",
+        88: "countsketch",
+        96: "ans",
+        97: "budget",
     }
     ids = registry.all_ids()
     for cid, name in expected.items():
@@ -109,7 +119,7 @@ def test_reconstruction_is_sane(spec: str) -> None:
     # few levels) may exceed it, within the codec's variance bound; so may 1-bit min-max
     # quantization, whose two levels are the extremes of the tensor.
     bound = 1.0 + 1e-6
-    if c.name == "randk" or c.spec.startswith("uniform:1"):
+    if c.spec.startswith(("randk", "uniform:1", "countsketch")):
         bound = 4.0
     if "qsgd:s=1," in c.spec:  # QSGD's bound: E rel^2 <= min(d/s^2, sqrt(d)/s) = sqrt(5000) here
         bound = 5000**0.25

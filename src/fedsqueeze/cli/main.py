@@ -445,8 +445,8 @@ def encode_cmd(
     _out().print(Text(f"wrote {output_file}: {len(payload)} bytes ({what}, codec {codec.spec}{ratio})"))
 
 
-# Simulation commands (run, sweep, report, describe) register themselves on ``app``.
-from fedsqueeze.cli import sim_commands  # noqa: E402, F401
+# Simulation (run, sweep, report, describe) and design-quantizer commands register themselves on ``app``.
+from fedsqueeze.cli import rd_commands, sim_commands  # noqa: E402, F401
 
 if __name__ == "__main__":  # python -m fedsqueeze.cli.main: run the registered app, not this copy
     from fedsqueeze.cli.main import app as _registered_app
