@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fedsqueeze
-import test_conformance as conf
+import harness
 from fedsqueeze.codecs.budget import (
     MIN_BUDGET_NBYTES,
     Budget,
@@ -180,16 +180,9 @@ def test_reserved_id_never_decodes() -> None:
         fedsqueeze.decode(build_frame(Budget.codec_id, torch.float32, (3,), b"\x00" * 8))
 
 
-@pytest.mark.parametrize("spec", ["budget:bytes=256", "budget:bytes=256 > ans"])
+@pytest.mark.parametrize("spec", harness.extra(["budget:bytes=256", "budget:bytes=256 > ans"]))
 def test_conformance_harness(spec: str) -> None:
-    conf.test_spec_round_trips(spec)
-    for shape in conf.SHAPES:
-        conf.test_round_trip_shape_and_dtype(spec, shape)
-    conf.test_reconstruction_is_sane(spec)
-    conf.test_fixed_rng_is_deterministic(spec)
-    conf.test_every_truncation_is_a_decode_error(spec)
-    conf.test_single_bit_flips_are_detected(spec)
-    conf.test_non_finite_input_is_refused(spec)
+    harness.run_spec_checks(spec)
 
 
 # ---------------------------------------------------------------------------- whole model

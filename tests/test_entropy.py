@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedsqueeze
+import harness
 import test_conformance as conf
 import test_fuzz as fuzz
 from fedsqueeze.codecs import entropy
@@ -43,17 +44,9 @@ def gen(seed: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------- conformance harness
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", harness.extra(SPECS))
 def test_conformance_harness(spec: str) -> None:
-    conf.test_spec_round_trips(spec)
-    for shape in conf.SHAPES:
-        conf.test_round_trip_shape_and_dtype(spec, shape)
-    if not spec.startswith("randk"):  # the harness finds Rand-K's looser bound by c.name only
-        conf.test_reconstruction_is_sane(spec)
-    conf.test_fixed_rng_is_deterministic(spec)
-    conf.test_every_truncation_is_a_decode_error(spec)
-    conf.test_single_bit_flips_are_detected(spec)
-    conf.test_non_finite_input_is_refused(spec)
+    harness.run_spec_checks(spec, fuzz=False)
 
 
 def test_unbiasedness_is_inherited() -> None:
@@ -62,7 +55,7 @@ def test_unbiasedness_is_inherited() -> None:
     conf.test_unbiased_claim_holds_statistically("uniform:2,stochastic=true > ans")
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", harness.extra(SPECS))
 @settings(max_examples=60)
 @given(which=st.integers(0, 3), m=fuzz.mutation, seal=st.sampled_from(["none", "crc", "full"]))
 def test_mutated_payloads_never_crash(spec: str, which: int, m: tuple, seal: str) -> None:

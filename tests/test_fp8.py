@@ -9,8 +9,6 @@ import pytest
 import torch
 
 import fedsqueeze
-import test_conformance as tc
-import test_fuzz as tf
 from fedsqueeze.codecs import fp8
 from fedsqueeze.codecs.fp8 import E2M1, E4M3, E5M2, FloatFormat, grid, round_to_grid
 from fedsqueeze.errors import ConfigError, DecodeError
@@ -219,19 +217,3 @@ def test_valid_handmade_bodies_decode() -> None:
 
 
 # ---------------------------------------------------------------------------- shared harness
-@pytest.mark.parametrize("spec", HARNESS_CASES)
-def test_conformance_harness(spec: str) -> None:
-    """The checks of tests/test_conformance.py and tests/test_fuzz.py, run on this module's specs."""
-    tc.test_spec_round_trips(spec)
-    for shape in tc.SHAPES:
-        tc.test_round_trip_shape_and_dtype(spec, shape)
-    tc.test_reconstruction_is_sane(spec)
-    tc.test_fixed_rng_is_deterministic(spec)
-    if tc.make(spec).unbiased:
-        tc.test_unbiased_claim_holds_statistically(spec)
-    else:
-        tc.test_biased_codecs_are_really_biased_or_deterministic(spec)
-    tc.test_every_truncation_is_a_decode_error(spec)
-    tc.test_single_bit_flips_are_detected(spec)
-    tc.test_non_finite_input_is_refused(spec)
-    tf.test_mutated_payloads_never_crash(spec)
