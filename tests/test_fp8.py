@@ -14,15 +14,6 @@ from fedsqueeze.codecs.fp8 import E2M1, E4M3, E5M2, FloatFormat, grid, round_to_
 from fedsqueeze.errors import ConfigError, DecodeError
 from fedsqueeze.wire.frame import build_frame, header_size
 
-HARNESS_CASES = [
-    "fp8:e4m3",
-    "fp8:e5m2,block=64",
-    "fp8:e4m3,block=32,stochastic=true",
-    "fp4",
-    "fp4:block=16,stochastic=true",
-    "topk:10% > fp8:e4m3",
-]
-
 FORMATS = [E4M3, E5M2, E2M1]
 
 

@@ -21,8 +21,6 @@ from fedsqueeze.codecs.lowrank import (
 from fedsqueeze.errors import ConfigError, DecodeError, EncodeError
 from fedsqueeze.wire.frame import build_frame, header_size, parse_frame
 
-HARNESS_CASES = ["powersgd:rank=1", "powersgd:rank=4"]
-
 
 def rng(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

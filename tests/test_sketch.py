@@ -23,8 +23,6 @@ from fedsqueeze.codecs.sketch import (
 from fedsqueeze.errors import ConfigError, DecodeError, EncodeError
 from fedsqueeze.wire.frame import build_frame, header_size
 
-HARNESS_CASES = ["countsketch:rows=5,cols=40%,k=1%", "countsketch:rows=3,cols=50%,k=10,seed=7,table=fp16"]
-
 MASK = (1 << 64) - 1
 
 
