@@ -446,7 +446,7 @@ def encode_cmd(
 
 
 # Simulation (run, sweep, report, describe) and design-quantizer commands register themselves on ``app``.
-from fedsqueeze.cli import rd_commands, sim_commands  # noqa: E402, F401
+from fedsqueeze.cli import analyze_commands, rd_commands, sim_commands  # noqa: E402, F401
 
 if __name__ == "__main__":  # python -m fedsqueeze.cli.main: run the registered app, not this copy
     from fedsqueeze.cli.main import app as _registered_app
