@@ -13,13 +13,18 @@ client's exact difference. Tune the client learning rate first, then η_s and β
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from fedsqueeze.algorithms.base import AlgoContext, Algorithm
 from fedsqueeze.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedsqueeze.experiment.config import RunConfig
 
-class FedAvg:
+
+class FedAvg(Algorithm):
     """Weighted averaging of client differences plus a momentum server step."""
 
     name = "fedavg"
@@ -33,6 +38,11 @@ class FedAvg:
         self.server_momentum = server_momentum
         self.velocity: torch.Tensor | None = None
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, ctx: AlgoContext) -> FedAvg:
+        cls.validate(cfg)
+        return cls(server_lr=cfg.server.lr, server_momentum=cfg.server.momentum)
+
     def aggregate(self, deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
         """Weighted mean of decoded client differences (weights: sample counts)."""
         if not deltas:
@@ -44,8 +54,17 @@ class FedAvg:
             out.add_(d, alpha=float(wi))
         return out
 
-    def server_update(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def server_update(
+        self,
+        x: torch.Tensor,
+        agg: torch.Tensor,
+        *,
+        accepted: Sequence[int] = (),
+        extras: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+        t: int = 0,
+    ) -> torch.Tensor:
         """Apply the aggregated difference to the global model."""
+        delta = agg
         if self.server_momentum > 0:
             self.velocity = (
                 delta.clone()

@@ -97,13 +97,14 @@ class ServerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    """The algorithm and its aggregation rule (``fedsqueeze.algorithms.aggregators``).
+    """The algorithm (``fedsqueeze.algorithms``; options checked at load time, errors name
+    ``algorithm.options.<key>``) and its aggregation rule (``fedsqueeze.algorithms.aggregators``).
 
     ``num_byzantine`` is how many Byzantine clients per round the aggregator is configured to
     tolerate (checked against clients per round up front).
     """
 
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "scaffold", "fedadam", "scaffnew", "fedcomloc"] = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
     aggregator: str = "mean"
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
@@ -297,11 +298,13 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     """Checks that need several sections (all raise ConfigError before any work starts)."""
     from fedsqueeze.algorithms.aggregators import make_aggregator
     from fedsqueeze.algorithms.attacks import make_attack
+    from fedsqueeze.algorithms.registry import validate_algorithm
 
     per_round = cfg.clients_per_round()
     a = cfg.algorithm
     agg = make_aggregator(a.aggregator, **a.aggregator_options)
     agg.require(per_round, a.num_byzantine)
+    validate_algorithm(cfg)
     if cfg.attack.name != "none":
         make_attack(cfg.attack.name, cfg.attack.fraction, **cfg.attack.options)
     if cfg.privacy.mode == "central" and a.aggregator != "mean":

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedsqueeze import __version__
-from fedsqueeze.algorithms import FedAvg
+from fedsqueeze.algorithms import AlgoContext, make_algorithm
 from fedsqueeze.algorithms.aggregators import make_aggregator
 from fedsqueeze.algorithms.attacks import make_attack
 from fedsqueeze.algorithms.privacy import CentralDP, LocalDP, compute_epsilon
@@ -126,7 +126,21 @@ class _Setup:
             c.uplink, self.layout, ef=c.uplink_ef, state_dtype=_dtype(c.state_dtype), offload_dir=offload
         )
         self.downlink = DownlinkChannel(c.downlink, self.layout, mode=c.downlink_mode, ef=c.downlink_ef)
-        self.algo = FedAvg(server_lr=cfg.server.lr, server_momentum=cfg.server.momentum)
+        # extra per-client payloads of an algorithm (SCAFFOLD's Δc_i): the uplink codec, no EF
+        self.extra_uplink = UplinkChannel(c.uplink, self.layout)
+        self.algo = make_algorithm(
+            cfg,
+            AlgoContext(
+                layout=self.layout,
+                num_clients=d.num_clients,
+                clients_per_round=cfg.clients_per_round(),
+                client_lr=cfg.clients.lr,
+                seed=cfg.seed,
+                state_dtype=_dtype(c.state_dtype),
+                offload_dir=str(out_dir / "algo_state") if c.state_offload else None,
+                model=self.model,
+            ),
+        )
         self.aggregator = make_aggregator(cfg.algorithm.aggregator, **cfg.algorithm.aggregator_options)
         self.attack = (
             make_attack(
@@ -346,6 +360,8 @@ def _one_round(
     cfg: RunConfig, s: _Setup, t: int, x: torch.Tensor, local_cfg: Any, train_clients: Any
 ) -> dict[str, Any]:
     seed = cfg.seed
+    algo = s.algo
+    plan = algo.plan_round(t, local_cfg)
     clients = sorted(
         int(c) for c in np_rng(seed, "sample", t).choice(cfg.data.num_clients, s.per_round, replace=False)
     )
@@ -353,35 +369,50 @@ def _one_round(
     down_bytes = [s.downlink.charge(c, t, bc.nbytes) for c in clients]
     dropped = [c for c in clients if s.network.dropped(c, t)]
     active = [c for c in clients if c not in dropped]
-    start = s.layout.unflatten(bc.decoded)
+    flat_starts = [algo.client_start(c, t, bc.decoded) for c in active]
+    shared = all(v is bc.decoded for v in flat_starts)
+    start: Any = s.layout.unflatten(bc.decoded) if shared else [s.layout.unflatten(v) for v in flat_starts]
+    datasets = [_client_data(s, c) for c in active]
+    train_seeds = [derive_seed(seed, "train", t, c) for c in active]
     t_train = time.perf_counter()
-    results = (
-        train_clients(
-            s.model,
-            start,
-            [_client_data(s, c) for c in active],
-            local_cfg,
-            [derive_seed(seed, "train", t, c) for c in active],
-            engine=cfg.clients.engine,
+    results: list[Any] = []
+    if active:
+        custom = algo.local_train(t, active, flat_starts, datasets, plan.local, train_seeds)
+        results = (
+            custom
+            if custom is not None
+            else train_clients(
+                s.model,
+                start,
+                datasets,
+                plan.local,
+                train_seeds,
+                engine=cfg.clients.engine,
+                grad_hook=algo.grad_hook(active, flat_starts),
+            )
         )
-        if active
-        else []
-    )
     train_s = time.perf_counter() - t_train
     up_bytes: dict[int, int] = {}
     decoded: dict[int, torch.Tensor] = {}
+    extras: dict[int, dict[str, torch.Tensor]] = {}
     weights: dict[int, float] = {}
     rejected: list[int] = []
     steps: dict[int, int] = {}
     losses = []
-    deltas = [s.layout.flatten(r.delta) for r in results]
+    msgs = [
+        algo.client_message(c, t, st, s.layout.flatten(r.delta), r.steps)
+        for c, st, r in zip(active, flat_starts, results, strict=True)
+    ]
+    deltas = [m.update for m in msgs]
     if s.attack is not None and not s.attack.poisons_data and deltas:
         # Byzantine clients replace their raw update; it still goes through EF and the codec,
         # so what they send is a real, measured payload.
         deltas = s.attack(deltas, active, num_clients=cfg.data.num_clients, round=t)
-    for c, r, delta in zip(active, results, deltas, strict=True):
+    for c, r, delta, msg in zip(active, results, deltas, msgs, strict=True):
         steps[c] = r.steps
-        if not bool(torch.isfinite(delta).all()):
+        if not bool(torch.isfinite(delta).all()) or not all(
+            bool(torch.isfinite(v).all()) for v in msg.extras.values()
+        ):
             rejected.append(c)  # a NaN/Inf update is excluded, never encoded or aggregated
             continue
         if s.local_dp is not None:  # clip + noise on the client, before EF and encoding
@@ -390,7 +421,12 @@ def _one_round(
         dl = s.uplink.send(c, delta, rng=torch_rng(seed, "up", t, c))
         up_bytes[c] = dl.nbytes
         decoded[c] = dl.decoded
-        weights[c] = float(r.num_samples)
+        extras[c] = {}
+        for name, vec in msg.extras.items():  # each extra vector is one more measured payload
+            xdl = s.extra_uplink.send(c, vec, rng=torch_rng(seed, "up-extra", name, t, c))
+            up_bytes[c] += xdl.nbytes
+            extras[c][name] = xdl.decoded
+        weights[c] = algo.client_weight(c, r.num_samples)
         losses.append(r.train_loss)
     if cfg.network.compute == "measured":
         compute = {c: train_s / max(1, len(active)) for c in active}
@@ -420,7 +456,9 @@ def _one_round(
             agg = None
             skipped = f"{s.aggregator.name} cannot tolerate f={f} among n={len(ups)} updates"
         if agg is not None:
-            x_new = s.algo.server_update(x, agg)
+            x_new = algo.server_update(
+                x, agg, accepted=accepted, extras={c: extras[c] for c in accepted}, t=t
+            )
             observe = getattr(s.aggregator, "observe_step", None)
             if observe is not None:
                 observe(float((x_new - x).norm()))
@@ -441,6 +479,7 @@ def _one_round(
         "stragglers": list(timing.stragglers),
         "aggregated_clients": len(accepted) if not skipped else 0,
         "skipped_aggregation": skipped or None,
+        **algo.round_metrics(),
     }
 
 

@@ -58,6 +58,13 @@ class VectorStore:
             save_file({"v": v}, str(tmp))
             os.replace(tmp, self._path(client))
 
+    def discard(self, client: int) -> None:
+        """Forget the client's vector (no-op if it has none)."""
+        if self.offload_dir is None:
+            self._mem.pop(int(client), None)
+        else:
+            self._path(client).unlink(missing_ok=True)
+
     def clients(self) -> list[int]:
         if self.offload_dir is None:
             return sorted(self._mem)
