@@ -68,6 +68,7 @@ import torch
 
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.experiment.config import RunConfig
+from fedsqueeze.experiment.run import evaluate as evaluate_model
 from fedsqueeze.sim.seeds import derive_seed, np_rng
 from fedsqueeze.stats.fit import LAWS, LayerFit, _check_laws, fit_layer
 from fedsqueeze.stats.independence import ks_pass_rate, spearman_pass_rate
@@ -245,20 +246,6 @@ def _setup(cfg: RunConfig) -> _Setup:
     return _Setup(model, names, shapes, client_data, (data.test.x, data.test.y))
 
 
-@torch.no_grad()
-def _evaluate(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch: int
-) -> tuple[float, float]:
-    correct, loss_sum = 0, 0.0
-    for s in range(0, len(y), batch):
-        out = torch.func.functional_call(model, params, (x[s : s + batch],))
-        yy = y[s : s + batch]
-        loss_sum += float(torch.nn.functional.cross_entropy(out, yy, reduction="sum"))
-        correct += int((out.argmax(dim=1) == yy).sum())
-    n = max(1, len(y))
-    return correct / n, loss_sum / n
-
-
 def _ignored_settings(cfg: RunConfig) -> list[str]:
     default = RunConfig().to_dict()
     mine = cfg.to_dict()
@@ -403,7 +390,7 @@ def analyze(
                     x[n] = x[n] + srv.lr * velocity[n]
             acc = loss = None
             if evaluate:
-                acc, loss = _evaluate(s.model, x, s.test[0], s.test[1], config.eval.batch_size)
+                acc, loss = evaluate_model(s.model, x, s.test[0], s.test[1], config.eval.batch_size)
             losses = [r.train_loss for _, r in ok if math.isfinite(r.train_loss)]
 
             t_fit = time.perf_counter()
