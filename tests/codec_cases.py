@@ -45,6 +45,12 @@ CASES: list[str] = [
     "weibull_lloyd:3",
     "tinyscript:3",
     "tinyscript:8",
+    "lloydmax:3,law=gennorm,M=0,codebook=send",
+    # entropy coding of the rate-distortion codecs' symbols
+    "lloydmax:3,law=gennorm,M=2 > ans",
+    "m22:10%,bits=2,M=2,law=gennorm > ans",
+    "topk:10% > tinyscript:4 > ans",
+    "weibull_lloyd:3,codebook=send > ans",
     # float casts with scaling, low rank, sketching
     "fp8:e4m3",
     "fp8:e5m2,block=64",

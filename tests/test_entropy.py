@@ -36,6 +36,27 @@ SPECS = [
     "topk:10% > uniform:4 > ans",
     "threshold:0.5 > uniform:8,stochastic=true > ans",
     "randk:25% > uniform:3 > ans",
+    # rate-distortion codecs (issue #5)
+    "weibull_lloyd:3 > ans",
+    "tinyscript:3 > ans",
+    "randk:25% > lloydmax:2,M=1 > ans",
+    "threshold:0.5 > weibull_lloyd:3 > ans",
+    "m22:k=5,bits=3,M=0,law=gaussian,codebook=send > ans",
+]
+RD_SPECS = [
+    "lloydmax:3 > ans",
+    "lloydmax:3,M=2 > ans",
+    "lloydmax:1,law=laplace > ans",
+    "lloydmax:8,law=dweibull,M=1 > ans",
+    "lloydmax:4,codebook=send > ans",
+    "weibull_lloyd:2 > ans",
+    "tinyscript:2 > ans",
+    "tinyscript:8 > ans",
+    "m22:10%,bits=3 > ans",
+    "m22:k=7,bits=8,M=0,codebook=send > ans",
+    "topk:10% > lloydmax:3 > ans",
+    "topk:k=3 > tinyscript:4 > ans",
+    "randk:10% > weibull_lloyd:3,codebook=send > ans",
 ]
 
 
@@ -74,6 +95,7 @@ EXACT_SPECS = [
     "topk:1% > uniform:4 > ans",
     "topk:k=3 > qsgd:s=7,bucket=2 > ans",
     "randk:10% > uniform:8,stochastic=true > ans",
+    *RD_SPECS,
 ]
 
 
@@ -102,7 +124,18 @@ def test_rebuilds_the_exact_inner_payload(spec: str, n: int) -> None:
     ],
     ids=["zeros", "constant", "two-levels", "spike"],
 )
-@pytest.mark.parametrize("spec", ["uniform:4 > ans", "uniform:8 > ans", "topk:50% > uniform:3 > ans"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "uniform:4 > ans",
+        "uniform:8 > ans",
+        "topk:50% > uniform:3 > ans",
+        "lloydmax:3 > ans",
+        "lloydmax:2,codebook=send > ans",
+        "m22:50%,bits=2 > ans",
+        "tinyscript:3 > ans",
+    ],
+)
 def test_degenerate_alphabets(x: torch.Tensor, spec: str) -> None:
     codec = parse_spec(spec)
     payload = codec.encode(x)
@@ -174,6 +207,163 @@ def test_rate_qsgd_symbols() -> None:
     assert s.coded_bits_per_symbol < 2.0  # fixed coding spends 5 bits
 
 
+# ---------------------------------------------------------------------------- rate-distortion codecs
+def gennorm_sample(n: int, beta: float, seed: int) -> torch.Tensor:
+    """``n`` GenNorm(β) draws (unit scale): ``|X| = G**(1/β)`` with ``G ~ Gamma(1/β, 1)``, random sign."""
+    g = np.random.default_rng(seed)
+    mag = g.gamma(1.0 / beta, 1.0, n) ** (1.0 / beta)
+    return torch.from_numpy((mag * g.choice([-1.0, 1.0], n)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def peaked() -> torch.Tensor:
+    """10^6 entries of GenNorm(β = 0.7): the tensor behind the "Measured" table in entropy.py."""
+    return gennorm_sample(10**6, 0.7, 0)
+
+
+# inner spec -> (coded symbols, entropy range in bits/symbol, max ans/inner payload size).
+# Measured (entropy.py docstring): H 2.3600 / 1.3578 / 2.4278 / 2.9370 / 2.2684 / 2.1743 and
+# sizes 0.787 / 0.453 / 0.809 / 0.734 / 0.906 / 0.894 of the inner payload.
+RD_RATE = {
+    "lloydmax:3": (10**6, (2.35, 2.37), 0.79),
+    "lloydmax:3,M=2": (10**6, (1.35, 1.37), 0.46),
+    "weibull_lloyd:3": (10**6, (2.42, 2.44), 0.81),
+    "tinyscript:4": (10**6, (2.92, 2.95), 0.74),
+    "m22:10%,bits=3": (10**5, (2.25, 2.29), 0.91),
+    "topk:10% > lloydmax:3": (10**5, (2.16, 2.19), 0.90),
+}
+
+
+@pytest.mark.parametrize("inner", list(RD_RATE))
+def test_rate_rd_codecs_on_a_peaked_law(inner: str, peaked: torch.Tensor) -> None:
+    nsym, (h_lo, h_hi), max_ratio = RD_RATE[inner]
+    codec = parse_spec(f"{inner} > ans")
+    payload = codec.encode(peaked, rng=gen(1))
+    inner_p = codec.inner.encode(peaked, rng=gen(1))  # type: ignore[attr-defined]
+    assert inner_payload(payload) == inner_p
+    assert torch.equal(fedsqueeze.decode(payload), fedsqueeze.decode(inner_p))
+    s = _check_rate(payload, nsym)  # ANS words within 2% of H (+ final state), payload bound
+    assert s.inner_nbytes == len(inner_p)
+    assert h_lo < s.entropy_bits_per_symbol < h_hi
+    assert s.coded_bits_per_symbol - s.entropy_bits_per_symbol < 1e-3  # measured: <= +0.0004
+    assert s.model_nbytes < 50
+    assert len(payload) <= max_ratio * len(inner_p)
+
+
+@pytest.mark.parametrize("inner", ["lloydmax:3", "lloydmax:3,M=2", "tinyscript:4"])
+def test_ans_saves_more_the_more_peaked_the_law(inner: str) -> None:
+    codec = parse_spec(f"{inner} > ans")
+    ratio = {}
+    for beta in (0.7, 2.0):
+        x = gennorm_sample(10**5, beta, 5)
+        ratio[beta] = len(codec.encode(x, rng=gen(1))) / len(codec.inner.encode(x, rng=gen(1)))  # type: ignore[attr-defined]
+    # measured: 0.787 vs 0.944, 0.453 vs 0.717, 0.744 vs 0.867
+    assert ratio[0.7] < ratio[2.0] - 0.1
+    assert ratio[2.0] < 0.97  # even a Gaussian's Lloyd-Max cells are not equiprobable
+
+
+@pytest.fixture(scope="module")
+def rd_payloads() -> dict[str, bytes]:
+    x = gennorm_sample(5000, 0.7, 3)
+    out = {}
+    for inner in [
+        "lloydmax:3,M=2",
+        "weibull_lloyd:3",
+        "m22:10%,bits=3",
+        "topk:10% > tinyscript:4",
+        "randk:10% > weibull_lloyd:3,codebook=send",
+    ]:
+        out[inner] = p = parse_spec(f"{inner} > ans").encode(x, rng=gen(2))
+        assert symbol_stats(p).mode == 1, inner
+    return out
+
+
+def _prefix_end(payload: bytes) -> int:
+    """Offset in the ans body where the symbol section (mode byte) starts."""
+    h, body = parse_frame(payload)
+    r = Reader(body)
+    entropy._Cursor(r, h).values_geometry()
+    return r.pos
+
+
+def _patched(body: bytearray, pos: int, data: bytes) -> bytearray:
+    b = body.copy()
+    b[pos : pos + len(data)] = data
+    return b
+
+
+def test_hostile_rd_bodies(rd_payloads: dict[str, bytes]) -> None:
+    cases: dict[str, tuple[bytes, bytearray]] = {}
+    p = rd_payloads["lloydmax:3,M=2"]  # body: id(2) | law bits shape M loc scale (14) | symbols
+    b = _body(p)
+    cases["unknown law"] = (p, _patched(b, 2, b"\x09"))
+    cases["codebook flag, no codebook"] = (p, _patched(b, 2, bytes([b[2] | 0x80])))
+    cases["bits 9"] = (p, _patched(b, 3, b"\x09"))
+    cases["bits 2: symbols do not fit"] = (p, _patched(b, 3, b"\x02"))
+    cases["shape 0"] = (p, _patched(b, 4, b"\x00\x00"))
+    cases["scale NaN"] = (p, _patched(b, 12, struct.pack("<f", math.nan)))
+    cases["no symbol section"] = (p, b[:16])
+    cases["counts cut"] = (p, b[:23])
+    p = rd_payloads["weibull_lloyd:3"]
+    cases["weibull_lloyd with the gennorm law"] = (p, _patched(_body(p), 2, b"\x01"))
+    cases["weibull_lloyd with M=1"] = (p, _patched(_body(p), 6, struct.pack("<H", 100)))
+    p = rd_payloads["m22:10%,bits=3"]  # body: id(2) | k u32 | index section | quantizer | symbols
+    b = _body(p)
+    k = struct.unpack_from("<I", b, 2)[0]
+    cases["m22 k > d"] = (p, _patched(b, 2, struct.pack("<I", 5001)))
+    cases["m22 k - 1"] = (p, _patched(b, 2, struct.pack("<I", k - 1)))
+    cases["m22 k + 1"] = (p, _patched(b, 2, struct.pack("<I", k + 1)))
+    p = rd_payloads["topk:10% > tinyscript:4"]
+    b = _body(p)
+    vid = _prefix_end(p) - (2 + 1 + 4 + 2 * 6)  # value id | bits | scale | 6 knobs | mode
+    assert struct.unpack_from("<H", b, vid)[0] == 67
+    cases["values fp32"] = (p, _patched(b, vid, struct.pack("<H", 1)))
+    cases["values m22"] = (p, _patched(b, vid, struct.pack("<H", 65)))
+    cases["values ans"] = (p, _patched(b, vid, struct.pack("<H", 96)))
+    cases["tinyscript bits 9"] = (p, _patched(b, vid + 2, b"\x09"))
+    cases["tinyscript bits 3"] = (p, _patched(b, vid + 2, b"\x03"))
+    cases["tinyscript knobs unordered"] = (p, _patched(b, vid + 7, b"\xff\xff"))
+    p = rd_payloads["randk:10% > weibull_lloyd:3,codebook=send"]
+    b = _body(p)
+    cb = _prefix_end(p) - 32  # the 8 float32 levels just before the mode byte
+    cases["codebook NaN"] = (p, _patched(b, cb + 8, struct.pack("<f", math.nan)))
+    cases["codebook decreasing"] = (p, _patched(b, cb, struct.pack("<f", 1e30)))
+    cases["codebook cut"] = (p, b[: cb + 16])
+    for what, (payload, bad) in cases.items():
+        with pytest.raises(DecodeError):
+            fedsqueeze.decode(_reframe(payload, bad))
+            pytest.fail(what)
+
+
+def test_rd_truncations_and_symbol_flips_are_decode_errors(rd_payloads: dict[str, bytes]) -> None:
+    """Every resealed cut of the body, and every bit flip in the model counts and ANS words, is a
+    DecodeError. Flips in the verbatim prefix and the symbol range decode or fail, never crash
+    (shifting ``lo`` or ``loc`` gives another valid payload; only the frame CRC can catch it)."""
+    g = np.random.default_rng(0)
+    for spec, payload in rd_payloads.items():
+        body = _body(payload)
+        h = parse_frame(payload)[0]
+        for cut in range(len(body)):
+            with pytest.raises(DecodeError):
+                fedsqueeze.decode(_reframe(payload, body[:cut]))
+                pytest.fail(f"{spec}: cut at {cut}")
+        start = _prefix_end(payload) + 5  # after mode u8 | lo u16 | span u16
+        for bit in g.choice(8 * (len(body) - start), size=150, replace=False):
+            bad = body.copy()
+            bad[start + bit // 8] ^= 1 << (bit % 8)
+            with pytest.raises(DecodeError):
+                fedsqueeze.decode(_reframe(payload, bad))
+                pytest.fail(f"{spec}: flip of bit {bit} of the counts/words")
+        for bit in g.choice(8 * start, size=min(200, 8 * start), replace=False):
+            bad = body.copy()
+            bad[bit // 8] ^= 1 << (bit % 8)
+            try:
+                y = fedsqueeze.decode(_reframe(payload, bad))
+            except DecodeError:
+                continue
+            assert y.shape == h.shape and y.dtype == h.dtype
+
+
 # ---------------------------------------------------------------------------- golden bytes
 _GOLDEN_HEX = (
     "4653515a016000010001e80300005301000021e33238100003000000000065fb43c2defb5f41010000070019326"
@@ -202,6 +392,26 @@ def test_golden_ans_payload() -> None:
     assert hashlib.sha256(y.numpy().tobytes()).hexdigest() == _GOLDEN_DECODED_SHA256
 
 
+_GOLDEN_RD_HEX = (
+    "4653515a01600001000158020000650000008ec4120b40000103f800c800934c8a3cf0c7af400103000100e802f001"
+    "8ada658914962acdfccd95d5fbd50cd2acf5b6b28320e24b4c0bd344def2ecfc8e00b15ffff9c7cf2d3dc424e522fd7b"
+    "e57cd11d6e485c7020b1968ec76656f51f2346de23633a7c2200e01c"
+)
+_GOLDEN_RD_DECODED_SHA256 = "80790a3797ee50ba7cd259205c089ca8647ff4faef131fb59bccf6890146acb5"
+
+
+def test_golden_ans_payload_of_a_lloydmax_quantizer() -> None:
+    """Frozen ANS-mode ``lloydmax:3,M=2 > ans`` payload on a peaked, RNG-free input (the conformance
+    golden cases of the rd codecs under ``ans`` are raw mode on their input)."""
+    i = torch.arange(600, dtype=torch.float64)
+    x = (torch.sin(i * 0.37) ** 5 * (1 + (i % 7)) + 0.01 * torch.cos(i * 1.3)).to(torch.float32)
+    payload = parse_spec("lloydmax:3,M=2 > ans").encode(x)
+    assert symbol_stats(payload).mode == 1
+    assert payload.hex() == _GOLDEN_RD_HEX
+    y = fedsqueeze.decode(bytes.fromhex(_GOLDEN_RD_HEX))
+    assert hashlib.sha256(y.numpy().tobytes()).hexdigest() == _GOLDEN_RD_DECODED_SHA256
+
+
 # ---------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize(
     ("spec", "match"),
@@ -215,6 +425,9 @@ def test_golden_ans_payload() -> None:
         ("randk:1% > qsgd:s=3,coding=elias > ans", "coding=fixed"),
         ("uniform:4 > ans:3", "unexpected extra"),
         ("uniform:4 > ans > zstd", "at most once"),
+        ("topk:1% > m22:10% > ans", "stages must be"),
+        ("m22:10% > lloydmax:3 > ans", "quantizes its kept values itself"),
+        ("lloydmax:3,codebook=maybe > ans", "codebook"),
     ],
 )
 def test_bad_specs(spec: str, match: str) -> None:
@@ -227,6 +440,21 @@ def test_flags_and_ids() -> None:
     assert (c.codec_id, c.name, c.stage) == (96, "ans", "lossless")
     assert c.unbiased and c.stochastic and not c.lossless
     assert c.spec == "randk:10% > uniform:4,stochastic=true > ans"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "lloydmax:3,law=gennorm,M=2 > ans",
+        "m22:10%,bits=2,M=2,law=gennorm,codebook=send > ans",
+        "topk:10% > tinyscript:4 > ans",
+        "randk:1% > weibull_lloyd:3 > ans",
+    ],
+)
+def test_rd_specs_are_accepted_and_round_trip(spec: str) -> None:
+    c = parse_spec(spec)
+    assert isinstance(c, Ans) and c.spec == spec
+    assert (c.unbiased, c.stochastic) == (c.inner.unbiased, c.inner.stochastic)
 
 
 def test_entropy_code_refuses_payloads_without_symbols() -> None:

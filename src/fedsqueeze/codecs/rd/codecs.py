@@ -10,10 +10,13 @@ sends its knobs (``2 * (2**(bits-1) - 2)`` bytes) because its design is not need
 
 Quantizer section (``lloydmax`` body, ``weibull_lloyd`` body, tail of the ``m22`` body)::
 
-    law u8 (1 = gennorm, 2 = dweibull) | bits u8 (1..8) | shape u16 (β or c, in 1/1000; 100..20000)
-    | M u16 (in 1/100; 0..1600) | loc f32 | scale f32 (>= 0) | codes: n x bits, ``pack_uint``
+    law u8 (1 = gennorm, 2 = dweibull; | 0x80 = codebook sent) | bits u8 (1..8)
+    | shape u16 (β or c, in 1/1000; 100..20000) | M u16 (in 1/100; 0..1600) | loc f32 | scale f32 (>= 0)
+    | codebook: 2**bits x f32, only with the 0x80 flag | codes: n x bits, ``pack_uint``
 
-    x_hat = loc + scale * centers[code]    centers = design(law, shape/1000, M/100, bits).centers
+    rebuilt (default):   x_hat = float32(loc + scale * centers)[code],
+                         centers = design(law, shape/1000, M/100, bits).centers
+    sent (codebook=send): x_hat = codebook[code]   (the same float32 table, computed by the encoder)
 
 ``scale`` is the standard deviation of the fitted law (not the sample standard deviation): the
 law is fitted by maximum likelihood on ``(x - loc) / rms`` (profile likelihood over the shape with
@@ -22,7 +25,7 @@ designed for the unit-variance law of that shape. ``loc`` is the mean for ``lloy
 ``weibull_lloyd`` (so ``M`` weighs ``|x - mean|^M``) and exactly 0 for ``m22`` (its kept entries
 are the large ones of both signs; a symmetric codebook around 0 keeps every sign and weighs the true
 magnitude ``|x|^M``). A constant tensor has ``scale = 0`` and decodes exactly to ``loc``.
-Size: ``14 + ceil(n * bits / 8)`` bytes.
+Size: ``14 + ceil(n * bits / 8)`` bytes, plus ``4 * 2**bits`` with ``codebook=send``.
 
 Bodies::
 
@@ -44,13 +47,26 @@ An empty tensor's body is the parameter part alone (14 bytes, or ``5 + 2 (L - 2)
 
 *Reproducibility.* The encoder designs on exactly the rounded parameters it writes, so both ends use
 the same cached codebook. A receiver on another machine recomputes it with its own scipy; the design
-is deterministic, and the float32 table ``loc + scale * centers`` only differs if scipy's incomplete
-gamma differs in the last float64 bits *and* that flips a float32 rounding (not observed; send the
-codebook instead if bit-exact cross-platform decoding ever matters more than 4 bytes per level).
+is deterministic, but the float32 table ``loc + scale * centers`` differs if that scipy's incomplete
+gamma (or its inverse, which seeds the iteration) differs in the last float64 bits *and* that flips a
+float32 rounding. ``codebook=send`` (``lloydmax``, ``m22``, ``weibull_lloyd``) removes the risk: the
+encoder writes the float32 table it quantized with (``2**bits x 4`` bytes, counted in the payload,
+flag ``0x80`` in the law byte) and the receiver decodes with it, running no design and no scipy at
+all; on the encoder's machine both forms decode to identical values. The default stays ``rebuild``
+(the wire format of payloads without the flag is unchanged): the table is 32 bytes at 3 bits but
+1 KiB at 8 bits, negligible for a 10^5-entry tensor (+0.09% at 3 bits) but not for the many small
+ones of a model (a 100-entry bias at 3 bits is a 74-byte payload, 106 with the codebook).
+Use ``send`` when peers may run different scipy builds and bit-exact agreement matters (e.g. error
+feedback whose memory must match the server's decode exactly).
 
 Decoding trusts nothing: law ids, bit widths, shape and ``M`` ranges, finite ``loc``/``scale``,
-reconstructions inside float32's range, strictly increasing knobs and every section length are
-checked, and any violation is a :class:`~fedsqueeze.errors.DecodeError`.
+reconstructions inside float32's range, a sent codebook's values (finite, non-decreasing), strictly
+increasing knobs and every section length are checked, and any violation is a
+:class:`~fedsqueeze.errors.DecodeError`.
+
+The parts of each body before its codes are read by :func:`read_quantizer_head`,
+:func:`read_m22_head` and :func:`read_tinyscript_head`, shared by the decoders and by the ``ans``
+entropy stage (which keeps them verbatim and entropy-codes the codes).
 """
 
 from __future__ import annotations
@@ -80,6 +96,10 @@ from fedsqueeze.wire.frame import FrameHeader
 LAW_IDS: dict[str, int] = {"gennorm": 1, "dweibull": 2}
 _FAMILY_BY_ID = {v: k for k, v in LAW_IDS.items()}
 _QPARAMS = struct.Struct("<BBHHff")  # law, bits, shape (milli), M (centi), loc, scale: 14 bytes
+#: Set in the law byte when the float32 codebook (2**bits x f32) follows the 14 parameter bytes.
+CODEBOOK_FLAG = 0x80
+#: ``codebook=`` spec values: the receiver rebuilds the codebook (default) or reads it from the payload.
+CODEBOOK_MODES = ("rebuild", "send")
 _F32_MAX = float(np.finfo(np.float32).max)
 _DEFAULT_SHAPE = {"gennorm": 2.0, "dweibull": 1.0}
 
@@ -93,6 +113,60 @@ class _Quantizer:
     shape: float | None
     M: float
     bits: int
+    send_codebook: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizerHead:
+    """The validated parameters of a quantizer section: everything before its codes."""
+
+    family: str
+    bits: int
+    shape: float
+    M: float
+    loc: float
+    scale: float
+    #: the float32 codebook carried by the section (``codebook=send``), else None (rebuilt)
+    codebook: npt.NDArray[np.float32] | None
+
+
+def read_quantizer_head(
+    r: Reader, context: str, *, family: str | None = None, M: float | None = None
+) -> QuantizerHead:
+    """Read and validate a quantizer section's parameters (and codebook, when sent) up to the codes.
+
+    ``family``/``M`` pin what a codec allows; every violation is a :class:`DecodeError`.
+    """
+    law_byte, bits, shape_milli, m_centi, loc, scale = r.unpack("BBHHff", "quantizer parameters")
+    sent = bool(int(law_byte) & CODEBOOK_FLAG)
+    law_id = int(law_byte) & ~CODEBOOK_FLAG
+    bits, shape_milli, m_centi = int(bits), int(shape_milli), int(m_centi)
+    loc, scale = float(loc), float(scale)
+    fam = _FAMILY_BY_ID.get(law_id)
+    if fam is None:
+        raise DecodeError(
+            f"{context}: unknown law id {law_id}; expected 1 (gennorm) or 2 (dweibull), "
+            f"plus {CODEBOOK_FLAG:#x} when the codebook is sent"
+        )
+    if family is not None and fam != family:
+        raise DecodeError(f"{context}: law {fam!r} where this codec always uses {family!r}")
+    if not rd.MIN_BITS <= bits <= rd.MAX_BITS:
+        raise DecodeError(f"{context}: bits={bits} outside {rd.MIN_BITS}..{rd.MAX_BITS}")
+    shape = shape_milli / 1000.0
+    if not rd.MIN_SHAPE <= shape <= rd.MAX_SHAPE:
+        raise DecodeError(f"{context}: shape {shape:g} outside [{rd.MIN_SHAPE:g}, {rd.MAX_SHAPE:g}]")
+    m_val = m_centi / 100.0
+    if m_val > rd.MAX_M or (M is not None and m_val != M):
+        raise DecodeError(f"{context}: M={m_val:g} is out of range or not what this codec uses")
+    if not (math.isfinite(loc) and math.isfinite(scale)) or scale < 0:
+        raise DecodeError(f"{context}: loc={loc!r}, scale={scale!r} must be finite with scale >= 0")
+    codebook = None
+    if sent:
+        raw = r.take(4 << bits, f"codebook of {1 << bits} float32 levels")
+        codebook = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        if not np.isfinite(codebook).all() or bool(np.any(np.diff(codebook) < 0)):
+            raise DecodeError(f"{context}: the sent codebook must be finite and non-decreasing")
+    return QuantizerHead(fam, bits, shape, m_val, loc, scale, codebook)
 
 
 def _reconstruction_table(family: str, shape: float, M: float, bits: int, loc: float, scale: float) -> Any:
@@ -113,7 +187,7 @@ def _encode_section(
     n = values.size
     if n == 0:
         shape0 = q.shape if q.shape is not None else _DEFAULT_SHAPE[q.family]
-        return [_pack_params(q.family, q.bits, shape0, q.M, 0.0, 0.0)]
+        return [_pack_head(q, shape0, 0.0, 0.0)]
     x = values.astype(np.float64)
     if not np.isfinite(x).all():  # finite float64 input that overflowed the float32 cast
         raise EncodeError(f"{context}: entries beyond float32's range; scale the tensor down")
@@ -129,7 +203,7 @@ def _encode_section(
     if fit is None or scale == 0.0:  # constant tensor (or a spread below float32's smallest number)
         shape0 = q.shape if q.shape is not None else _DEFAULT_SHAPE[q.family]
         codes = np.zeros(n, np.uint8)
-        return [_pack_params(q.family, q.bits, shape0, q.M, loc, 0.0), pack_uint(codes, q.bits)]
+        return [_pack_head(q, shape0, loc, 0.0), pack_uint(codes, q.bits)]
     table = _reconstruction_table(q.family, fit.shape, q.M, q.bits, loc, scale)
     if table is None:
         raise EncodeError(
@@ -139,42 +213,38 @@ def _encode_section(
     z = torch.from_numpy(y / scale)
     codes_t = torch.bucketize(z, torch.tensor(thresholds, dtype=torch.float64))
     codes = codes_t.numpy().astype(np.uint8)
-    return [_pack_params(q.family, q.bits, fit.shape, q.M, loc, scale), pack_uint(codes, q.bits)]
+    return [_pack_head(q, fit.shape, loc, scale, table), pack_uint(codes, q.bits)]
 
 
-def _pack_params(family: str, bits: int, shape: float, M: float, loc: float, scale: float) -> bytes:
-    return _QPARAMS.pack(LAW_IDS[family], bits, round(shape * 1000), round(M * 100), loc, scale)
+def _pack_head(q: _Quantizer, shape: float, loc: float, scale: float, table: Any = None) -> bytes:
+    """The 14 parameter bytes, then (``codebook=send``) the float32 table the codes index."""
+    law = LAW_IDS[q.family] | (CODEBOOK_FLAG if q.send_codebook else 0)
+    params = _QPARAMS.pack(law, q.bits, round(shape * 1000), round(q.M * 100), loc, scale)
+    if not q.send_codebook:
+        return params
+    if table is None:  # scale = 0: every level is loc (no design needed)
+        table = _reconstruction_table(q.family, shape, q.M, q.bits, loc, 0.0)
+    return params + np.asarray(table, dtype="<f4").tobytes()
 
 
 def _decode_section(
     r: Reader, n: int, context: str, *, family: str | None = None, M: float | None = None
 ) -> torch.Tensor:
     """Read a quantizer section of ``n`` values; ``family``/``M`` pin what a codec allows."""
-    law_id, bits, shape_milli, m_centi, loc, scale = r.unpack("BBHHff", "quantizer parameters")
-    law_id, bits, shape_milli, m_centi = int(law_id), int(bits), int(shape_milli), int(m_centi)
-    loc, scale = float(loc), float(scale)
-    fam = _FAMILY_BY_ID.get(law_id)
-    if fam is None:
-        raise DecodeError(f"{context}: unknown law id {law_id}; expected 1 (gennorm) or 2 (dweibull)")
-    if family is not None and fam != family:
-        raise DecodeError(f"{context}: law {fam!r} where this codec always uses {family!r}")
-    if not rd.MIN_BITS <= bits <= rd.MAX_BITS:
-        raise DecodeError(f"{context}: bits={bits} outside {rd.MIN_BITS}..{rd.MAX_BITS}")
-    shape = shape_milli / 1000.0
-    if not rd.MIN_SHAPE <= shape <= rd.MAX_SHAPE:
-        raise DecodeError(f"{context}: shape {shape:g} outside [{rd.MIN_SHAPE:g}, {rd.MAX_SHAPE:g}]")
-    m_val = m_centi / 100.0
-    if m_val > rd.MAX_M or (M is not None and m_val != M):
-        raise DecodeError(f"{context}: M={m_val:g} is out of range or not what this codec uses")
-    if not (math.isfinite(loc) and math.isfinite(scale)) or scale < 0:
-        raise DecodeError(f"{context}: loc={loc!r}, scale={scale!r} must be finite with scale >= 0")
+    return _decode_codes(r, n, read_quantizer_head(r, context, family=family, M=M), context)
+
+
+def _decode_codes(r: Reader, n: int, head: QuantizerHead, context: str) -> torch.Tensor:
+    """Read the ``n`` codes after ``head`` and map them through the sent or rebuilt codebook."""
     if n == 0:
         return torch.zeros(0)
-    packed = r.take(packed_nbytes(n, bits), f"{n} codes of {bits} bits")
-    table = _reconstruction_table(fam, shape, m_val, bits, loc, scale)
+    packed = r.take(packed_nbytes(n, head.bits), f"{n} codes of {head.bits} bits")
+    table = head.codebook
+    if table is None:
+        table = _reconstruction_table(head.family, head.shape, head.M, head.bits, head.loc, head.scale)
     if table is None:
         raise DecodeError(f"{context}: loc/scale put the codebook outside float32's range")
-    codes = unpack_uint(packed, bits, n)
+    codes = unpack_uint(packed, head.bits, n)
     return torch.from_numpy(table[codes])
 
 
@@ -208,6 +278,20 @@ def _law_suffix(law: str, shape: float | None) -> str:
     return s
 
 
+def _send_codebook(name: str, codebook: str) -> bool:
+    """``codebook=`` -> whether the float32 codebook travels in the payload (ConfigError names the codec)."""
+    if codebook not in CODEBOOK_MODES:
+        raise ConfigError(
+            f"{name}: codebook={codebook!r} is invalid; expected 'rebuild' (the receiver designs it, "
+            "the default) or 'send' (4 * 2**bits bytes in the payload, decoded without scipy)"
+        )
+    return codebook == "send"
+
+
+def _codebook_suffix(send: bool) -> str:
+    return ",codebook=send" if send else ""
+
+
 # ---------------------------------------------------------------------------- lloydmax
 @register
 class LloydMax(Codec):
@@ -215,15 +299,22 @@ class LloydMax(Codec):
 
     ``bits`` (1..8) first; then ``M`` (0 = MSE; larger values spend levels on large entries) and
     ``law`` (``gennorm`` fits the shape β, ``dweibull`` fits c, ``gaussian``/``laplace`` fix
-    β = 2/1; ``shape=`` fixes it for gennorm/dweibull). Biased and deterministic.
-    Spec: ``lloydmax:3,law=gennorm,M=2``.
+    β = 2/1; ``shape=`` fixes it for gennorm/dweibull). ``codebook=send`` puts the float32
+    codebook in the payload (``4 * 2**bits`` bytes) so the receiver decodes without redesigning it.
+    Biased and deterministic. Spec: ``lloydmax:3,law=gennorm,M=2`` (``,codebook=send``).
     """
 
     codec_id = 64
     name = "lloydmax"
 
     def __init__(
-        self, bits: int = 3, *, law: str = "gennorm", shape: float | None = None, M: float = 0.0
+        self,
+        bits: int = 3,
+        *,
+        law: str = "gennorm",
+        shape: float | None = None,
+        M: float = 0.0,
+        codebook: str = "rebuild",
     ) -> None:
         try:
             self.bits = rd.check_bits(bits)
@@ -232,19 +323,24 @@ class LloydMax(Codec):
             raise ConfigError(f"{self.name}: {exc}") from None
         self.law, family, fixed = _resolve_law(self.name, law, shape)
         self.shape = fixed
-        self._q = _Quantizer(family, fixed, self.M, self.bits)
+        self.send_codebook = _send_codebook(self.name, codebook)
+        self._q = _Quantizer(family, fixed, self.M, self.bits, self.send_codebook)
 
     @classmethod
     def from_spec(cls, args: SpecArgs, **_: Any) -> Codec:
         bits = args.int("bits", 3, positional=True, lo=rd.MIN_BITS, hi=rd.MAX_BITS)
         law, shape = _law_args(args)
         m_val = args.float("m", 0.0)
+        codebook = args.choice("codebook", CODEBOOK_MODES, "rebuild")
         args.finish()
-        return cls(bits, law=law, shape=shape, M=m_val)
+        return cls(bits, law=law, shape=shape, M=m_val, codebook=codebook)
 
     @property
     def spec(self) -> str:
-        return f"{self.name}:{self.bits}{_law_suffix(self.law, self.shape)},M={self.M:g}"
+        return (
+            f"{self.name}:{self.bits}{_law_suffix(self.law, self.shape)},M={self.M:g}"
+            f"{_codebook_suffix(self.send_codebook)}"
+        )
 
     def _encode_body(self, flat: torch.Tensor, rng: torch.Generator | None) -> list[bytes]:
         return _encode_section(flat.numpy(), self._q, center=True, context=self.name)
@@ -263,28 +359,30 @@ class WeibullLloyd(Codec):
 
     Same body as ``lloydmax`` with the law pinned to ``dweibull`` and ``M`` to 0 (the decoder
     rejects anything else). Not TinyScript's own quantizer, which is ``tinyscript``.
-    Spec: ``weibull_lloyd:3``.
+    Spec: ``weibull_lloyd:3`` (``,codebook=send`` as for ``lloydmax``).
     """
 
     codec_id = 66
     name = "weibull_lloyd"
 
-    def __init__(self, bits: int = 3) -> None:
+    def __init__(self, bits: int = 3, *, codebook: str = "rebuild") -> None:
         try:
             self.bits = rd.check_bits(bits)
         except ConfigError as exc:
             raise ConfigError(f"{self.name}: {exc}") from None
-        self._q = _Quantizer("dweibull", None, 0.0, self.bits)
+        self.send_codebook = _send_codebook(self.name, codebook)
+        self._q = _Quantizer("dweibull", None, 0.0, self.bits, self.send_codebook)
 
     @classmethod
     def from_spec(cls, args: SpecArgs, **_: Any) -> Codec:
         bits = args.int("bits", 3, positional=True, lo=rd.MIN_BITS, hi=rd.MAX_BITS)
+        codebook = args.choice("codebook", CODEBOOK_MODES, "rebuild")
         args.finish()
-        return cls(bits)
+        return cls(bits, codebook=codebook)
 
     @property
     def spec(self) -> str:
-        return f"{self.name}:{self.bits}"
+        return f"{self.name}:{self.bits}{_codebook_suffix(self.send_codebook)}"
 
     def _encode_body(self, flat: torch.Tensor, rng: torch.Generator | None) -> list[bytes]:
         return _encode_section(flat.numpy(), self._q, center=True, context=self.name)
@@ -307,7 +405,8 @@ class M22(Codec):
     value bits per coordinate, as the paper does, use ``ratio = P / bits`` (positions cost extra
     and are counted). Biased (pair with error feedback); deterministic. Identity: ``M = 0`` with
     ``law=gaussian`` is Top-K followed by the classical Lloyd–Max quantizer.
-    Spec: ``m22:10%,bits=2,M=2`` (defaults ``bits=2``, ``M=2``, ``law=gennorm``).
+    Spec: ``m22:10%,bits=2,M=2`` (defaults ``bits=2``, ``M=2``, ``law=gennorm``; ``codebook=send``
+    as for ``lloydmax``).
     """
 
     codec_id = 65
@@ -323,6 +422,7 @@ class M22(Codec):
         M: float = 2.0,
         law: str = "gennorm",
         shape: float | None = None,
+        codebook: str = "rebuild",
     ) -> None:
         if (ratio is None) == (k is None):
             raise ConfigError("m22: give exactly one of a ratio (e.g. 'm22:10%') or k (e.g. 'm22:k=100')")
@@ -338,7 +438,8 @@ class M22(Codec):
         self.ratio, self.k = ratio, k
         self.law, family, fixed = _resolve_law(self.name, law, shape)
         self.shape = fixed
-        self._q = _Quantizer(family, fixed, self.M, self.bits)
+        self.send_codebook = _send_codebook(self.name, codebook)
+        self._q = _Quantizer(family, fixed, self.M, self.bits, self.send_codebook)
 
     @classmethod
     def from_spec(cls, args: SpecArgs, values: Codec | None = None, **_: Any) -> Codec:
@@ -351,14 +452,15 @@ class M22(Codec):
         bits = args.int("bits", 2, lo=rd.MIN_BITS, hi=rd.MAX_BITS)
         law, shape = _law_args(args)
         m_val = args.float("m", 2.0)
+        codebook = args.choice("codebook", CODEBOOK_MODES, "rebuild")
         args.finish()
-        return cls(ratio, k=k, bits=bits, M=m_val, law=law, shape=shape)
+        return cls(ratio, k=k, bits=bits, M=m_val, law=law, shape=shape, codebook=codebook)
 
     @property
     def spec(self) -> str:
         return (
             f"m22:{_fmt_ratio(self.ratio, self.k)},bits={self.bits},M={self.M:g}"
-            f"{_law_suffix(self.law, self.shape)}"
+            f"{_law_suffix(self.law, self.shape)}{_codebook_suffix(self.send_codebook)}"
         )
 
     def _encode_body(self, flat: torch.Tensor, rng: torch.Generator | None) -> list[bytes]:
@@ -377,15 +479,21 @@ class M22(Codec):
     @classmethod
     def _decode_body(cls, body: memoryview, header: FrameHeader) -> torch.Tensor:
         r = Reader(body, "m22 body")
-        k = r.u32("kept count")
         d = header.numel
-        idx = decode_indices(r, k, d)
-        vals = _decode_section(r, k, cls.name)
+        k, idx, head = read_m22_head(r, d)
+        vals = _decode_codes(r, k, head, cls.name)
         r.expect_end()
         out = torch.zeros(d, dtype=torch.float32)
         if k:
             out[torch.from_numpy(idx)] = vals
         return out
+
+
+def read_m22_head(r: Reader, d: int) -> tuple[int, npt.NDArray[np.int64], QuantizerHead]:
+    """Read an ``m22`` body up to its codes: ``(k, kept positions, quantizer head)``."""
+    k = r.u32("kept count")
+    idx = decode_indices(r, k, d)
+    return k, idx, read_quantizer_head(r, M22.name)
 
 
 def global_topk_counts(
@@ -426,6 +534,7 @@ def encode_state_dict_m22(
     M: float = 2.0,
     law: str = "gennorm",
     shape: float | None = None,
+    codebook: str = "rebuild",
 ) -> bytes:
     """A whole model update with M22's *global* Top-K: one container of ``m22`` frames (``k`` per
     tensor from :func:`global_topk_counts`, law fitted per tensor); non-float tensors go ``raw``.
@@ -436,7 +545,8 @@ def encode_state_dict_m22(
     frames = {}
     for name, t in state.items():
         if t.dtype in FLOAT_DTYPES:
-            frames[name] = M22(k=counts[name], bits=bits, M=M, law=law, shape=shape).encode(t)
+            m22 = M22(k=counts[name], bits=bits, M=M, law=law, shape=shape, codebook=codebook)
+            frames[name] = m22.encode(t)
         else:
             frames[name] = raw.encode(t)
     return encode_container(frames)
@@ -444,6 +554,22 @@ def encode_state_dict_m22(
 
 # ---------------------------------------------------------------------------- tinyscript
 _KNOB_ONE = 65535
+
+
+def read_tinyscript_head(r: Reader) -> tuple[int, float, npt.NDArray[np.int64]]:
+    """Read a ``tinyscript`` body up to its codes: ``(bits, scale, knobs 0 .. 65535 as integers)``."""
+    bits, scale = r.unpack("Bf", "parameters")
+    bits, scale = int(bits), float(scale)
+    if not 2 <= bits <= 8:
+        raise DecodeError(f"tinyscript: bits={bits} outside 2..8")
+    if not math.isfinite(scale) or scale < 0:
+        raise DecodeError(f"tinyscript: scale {scale!r} must be finite and >= 0")
+    L = 1 << (bits - 1)
+    v = np.frombuffer(r.take(2 * (L - 2), "knobs"), dtype="<u2").astype(np.int64)
+    full = np.concatenate(([0], v, [_KNOB_ONE]))
+    if not np.all(np.diff(full) > 0):
+        raise DecodeError("tinyscript: knobs must be strictly increasing inside (0, 1)")
+    return bits, scale, full
 
 
 def _knob_codes(knobs: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
@@ -525,17 +651,7 @@ class TinyScript(Codec):
     @classmethod
     def _decode_body(cls, body: memoryview, header: FrameHeader) -> torch.Tensor:
         r = Reader(body, "tinyscript body")
-        bits, scale = r.unpack("Bf", "parameters")
-        bits, scale = int(bits), float(scale)
-        if not 2 <= bits <= 8:
-            raise DecodeError(f"tinyscript: bits={bits} outside 2..8")
-        if not math.isfinite(scale) or scale < 0:
-            raise DecodeError(f"tinyscript: scale {scale!r} must be finite and >= 0")
-        L = 1 << (bits - 1)
-        v = np.frombuffer(r.take(2 * (L - 2), "knobs"), dtype="<u2").astype(np.int64)
-        full = np.concatenate(([0], v, [_KNOB_ONE]))
-        if not np.all(np.diff(full) > 0):
-            raise DecodeError("tinyscript: knobs must be strictly increasing inside (0, 1)")
+        bits, scale, full = read_tinyscript_head(r)
         n = header.numel
         if n == 0:
             r.expect_end()
