@@ -281,7 +281,7 @@ def test_aggregator_tolerance_is_checked_at_config_time() -> None:
 
 
 def test_nan_update_from_one_client_is_rejected_and_the_run_continues(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import fedsqueeze.sim.local as local
 
@@ -297,6 +297,8 @@ def test_nan_update_from_one_client_is_rejected_and_the_run_continues(
     res = run(cfg(), tmp_path / "n", plots=False)
     assert res.status == "completed"
     assert res.summary["rejected_updates"] == 4  # one per round, logged and counted
+    warned = [r for r in caplog.records if r.name == "fedsqueeze.run" and "non-finite" in r.getMessage()]
+    assert len(warned) == 4
     assert all(r["rejected_updates"] == 1 and r["aggregated_clients"] == 2 for r in res.metrics)
     assert all(
         r["test_accuracy"] is not None and r["test_accuracy"] == r["test_accuracy"] for r in res.metrics

@@ -4,11 +4,14 @@ One round, as the loop runs it, with the hooks an algorithm overrides::
 
     plan  = algo.plan_round(t, local)             # local SGD config of the round (+ metrics)
     bc    = downlink.broadcast(x)                 # generic: codec, replica, catch-up bytes
+    ext   = algo.broadcast_extras(t)              # {name: flat vector} sent with x (default {})
+    algo.receive_broadcast_extras(t, decoded ext) # what clients decoded from those bytes
     start_c = algo.client_start(c, t, bc.decoded) # the flat model client c trains from
     hook  = algo.grad_hook(clients, starts)       # optional per-step gradient correction
     res   = algo.local_train(...) or train_clients(..., grad_hook=hook)
     msg_c = algo.client_message(c, t, start_c, delta_c, steps_c)   # ClientMessage(update, extras)
     # update -> uplink channel (EF + codec), extras -> one more payload each (same codec, no EF)
+    agg   = algo.aggregate_payloads(payloads, weights)   # None (default): the lines below
     agg   = aggregator(decoded updates, algo.client_weight(c, n_c))   # or central DP
     x     = algo.server_update(x, agg, accepted=..., extras=..., t=t)
     rec  |= algo.round_metrics()
@@ -17,6 +20,16 @@ Every hook has a default that reproduces FedAvg, so an algorithm overrides only 
 State that must survive a checkpoint (server optimizer moments, per-client control variates in a
 :class:`~fedsqueeze.sim.state.VectorStore`) goes through ``state_dict``/``load_state_dict`` with
 keys unique to the algorithm.
+
+Broadcast extras (downlink). An algorithm that sends more than the model down (SCAFFOLD's server
+control variate ``c``; later LoCoDL/EF21-style shifts) returns them from :meth:`broadcast_extras`
+as model-sized flat float32 vectors (``layout.numel`` each, the layout of the model). Once per
+round the loop encodes each one with the ``compression.downlink`` codec as a whole vector (a
+``ModelCodec``, model mode: no replica, no EF), adds the summed payload lengths to *every* sampled
+client's downlink bytes, and hands the vectors decoded from those bytes to
+:meth:`receive_broadcast_extras` *before* ``client_start``/``grad_hook``/``client_message``, so
+client-side computations use what clients decoded while the server keeps its exact copy. Empty
+dict (the default): nothing is encoded or charged.
 """
 
 from __future__ import annotations
@@ -76,6 +89,9 @@ class Algorithm:
     name = "base"
     #: option name -> default; ``check_options`` rejects any other key
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    #: False: the loop does not decode client update payloads (no per-client decode cost, and no
+    #: decoded update exists); :meth:`aggregate_payloads` must then return the aggregate.
+    decodes_uplink: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ options
     @classmethod
@@ -110,6 +126,16 @@ class Algorithm:
         """The local-training config of round ``t`` (default: the configured one)."""
         return RoundPlan(local)
 
+    def broadcast_extras(self, t: int) -> dict[str, torch.Tensor]:
+        """Vectors broadcast with the model in round ``t`` (model-sized, flat; default none).
+
+        Each is one more downlink payload charged to every sampled client (module docstring)."""
+        return {}
+
+    def receive_broadcast_extras(self, t: int, decoded: Mapping[str, torch.Tensor]) -> None:
+        """The clients' decoded copies of :meth:`broadcast_extras` (same keys), before local training."""
+        return None
+
     def client_start(self, c: int, t: int, broadcast: torch.Tensor) -> torch.Tensor:
         """The flat model client ``c`` trains from; default: what it decoded from the broadcast.
 
@@ -143,6 +169,18 @@ class Algorithm:
     def client_weight(self, c: int, num_samples: int) -> float:
         """Aggregation weight of client ``c`` (default: its sample count, as FedAvg)."""
         return float(num_samples)
+
+    def aggregate_payloads(
+        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+    ) -> torch.Tensor | None:
+        """Aggregate the accepted clients' uplink payload *bytes* without the loop's aggregator.
+
+        ``payloads[c]`` is exactly what client ``c`` sent (its bytes are counted as usual) and
+        ``weights[c]`` its :meth:`client_weight`. Return a tensor to use it as ``agg`` in
+        :meth:`server_update` (its meaning and shape are the algorithm's: FetchSGD returns the summed
+        sketch tables); return None (the default) for the aggregator on the decoded updates.
+        """
+        return None
 
     def server_update(
         self,

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedsqueeze.algorithms.base import AlgoContext, Algorithm
+from fedsqueeze.algorithms.ef21 import EF21
 from fedsqueeze.algorithms.fedavg import FedAvg
 from fedsqueeze.algorithms.fedopt import FedAdam
 from fedsqueeze.algorithms.fedprox import FedProx
+from fedsqueeze.algorithms.fetchsgd import FetchSGD
+from fedsqueeze.algorithms.locodl import LoCoDL
 from fedsqueeze.algorithms.scaffnew import FedComLoc, Scaffnew
 from fedsqueeze.algorithms.scaffold import Scaffold
 from fedsqueeze.errors import ConfigError
@@ -22,6 +25,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "fedadam": FedAdam,
     "scaffnew": Scaffnew,
     "fedcomloc": FedComLoc,
+    "fetchsgd": FetchSGD,
+    "ef21": EF21,
+    "locodl": LoCoDL,
 }
 
 

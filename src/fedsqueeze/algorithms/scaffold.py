@@ -16,7 +16,12 @@ Traffic: SCAFFOLD uploads twice the vectors of FedAvg. ``Δy_i`` goes through th
 EF) and its bytes are added to the client's ``uplink_bytes``. The client also sets
 ``c_i ← c_i + decoded(Δc_i)`` — from its own bytes, so client and server stay consistent — and
 only when the server accepted its update (dropped, straggling or rejected clients keep ``c_i``).
-The downlink of ``c`` (the paper broadcasts ``(x, c)``) is *not* charged yet: a known gap.
+The paper broadcasts ``(x, c)``: ``c`` is a broadcast extra (``Algorithm.broadcast_extras``),
+encoded every round with the ``compression.downlink`` codec as a whole vector and charged to every
+sampled client's ``downlink_bytes`` (one more fp32-container payload when the downlink is fp32).
+Clients use the ``c`` they *decoded* (in the gradient correction and in ``c_i⁺``); the server keeps
+its exact ``c``. With a lossless downlink the two are identical; with a lossy one, ``c = mean c_i``
+still holds on the server, but the clients' correction carries the downlink's error.
 
 The mean over S uses the loop's aggregator (sample-weighted ``mean`` by default; the paper uses a
 plain mean). Local momentum is rejected: option II assumes plain SGD steps.
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     from fedsqueeze.experiment.config import RunConfig
 
 DELTA_C = "delta_c"
+SERVER_C = "c"
 
 
 class Scaffold(FedAvg):
@@ -53,6 +59,7 @@ class Scaffold(FedAvg):
         self.c = torch.zeros(ctx.layout.numel)
         # control variates are used as exact corrections: kept in float32 (not state_dtype)
         self.ci = VectorStore("scaffold_ci", dtype=torch.float32, offload_dir=ctx.offload_dir)
+        self.c_received: torch.Tensor | None = None  # the clients' decoded copy of c this round
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> dict[str, Any]:
@@ -73,9 +80,21 @@ class Scaffold(FedAvg):
         v = self.ci.get(c)
         return torch.zeros_like(self.c) if v is None else v
 
+    def broadcast_extras(self, t: int) -> dict[str, torch.Tensor]:
+        """``c`` travels down with ``x`` (charged per sampled client by the loop)."""
+        return {SERVER_C: self.c}
+
+    def receive_broadcast_extras(self, t: int, decoded: Mapping[str, torch.Tensor]) -> None:
+        self.c_received = decoded[SERVER_C]
+
+    def _c_client(self) -> torch.Tensor:
+        """The ``c`` clients hold: decoded from the broadcast (the exact ``c`` outside the loop)."""
+        return self.c if self.c_received is None else self.c_received
+
     def grad_hook(self, clients: Sequence[int], starts: Sequence[torch.Tensor]) -> GradHook | None:
         layout = self.ctx.layout
-        corr = [layout.unflatten(self.c - self._ci(c)) for c in clients]  # c − c_i
+        c_dec = self._c_client()
+        corr = [layout.unflatten(c_dec - self._ci(c)) for c in clients]  # c − c_i
 
         def hook(
             i: int, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
@@ -93,7 +112,7 @@ class Scaffold(FedAvg):
         if k == 0:
             return ClientMessage(delta, {DELTA_C: torch.zeros_like(delta)})
         ci = self._ci(c)
-        ci_new = ci - self.c - delta / (k * self.ctx.client_lr)  # (x − y_i) = −delta
+        ci_new = ci - self._c_client() - delta / (k * self.ctx.client_lr)  # (x − y_i) = −delta
         return ClientMessage(delta, {DELTA_C: ci_new - ci})
 
     def server_update(
@@ -114,6 +133,9 @@ class Scaffold(FedAvg):
             total += dc
         self.c = self.c + total / self.ctx.num_clients
         return x_new
+
+    def stores(self) -> list[VectorStore]:
+        return [self.ci]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().state_dict(), "scaffold/c": self.c, **self.ci.state_dict()}

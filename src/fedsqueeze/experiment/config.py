@@ -70,7 +70,13 @@ class ModelConfig(_Section):
 
 
 class ClientsConfig(_Section):
-    """Client sampling and local training. Give ``per_round`` (a count) or ``fraction``."""
+    """Client sampling and local training. Give ``per_round`` (a count) or ``fraction``.
+
+    ``sampling`` picks who participates (``fedsqueeze.sim.sampling``): ``uniform`` (default),
+    ``importance`` (options ``by = "size" | "norm"``, ``floor``, ``prior_norm``; unbiased
+    Horvitz-Thompson reweighting) or ``cyclic`` (options ``groups``, ``whole_group``); its options go
+    in ``sampling_options`` and are checked at load time.
+    """
 
     per_round: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, le=1)
@@ -81,6 +87,8 @@ class ClientsConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_steps: int | None = Field(None, ge=1)
     engine: Literal["auto", "sequential", "vmap"] = "auto"
+    sampling: str = "uniform"
+    sampling_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_of(self) -> ClientsConfig:
@@ -104,7 +112,17 @@ class AlgorithmConfig(_Section):
     tolerate (checked against clients per round up front).
     """
 
-    name: Literal["fedavg", "fedprox", "scaffold", "fedadam", "scaffnew", "fedcomloc"] = "fedavg"
+    name: Literal[
+        "fedavg",
+        "fedprox",
+        "scaffold",
+        "fedadam",
+        "scaffnew",
+        "fedcomloc",
+        "ef21",
+        "fetchsgd",
+        "locodl",
+    ] = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
     aggregator: str = "mean"
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
@@ -148,6 +166,9 @@ class CompressionConfig(_Section):
     downlink_mode: Literal["delta", "model"] = "delta"
     state_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     state_offload: bool = False
+    #: uplink frames: one per parameter tensor ("tensor") or one for the whole flat update ("model":
+    #: global top-k, one CountSketch of the whole model as FetchSGD needs); see channel.ModelCodec
+    uplink_scope: Literal["tensor", "model"] = "tensor"
 
     @field_validator("uplink", "downlink")
     @classmethod
@@ -255,8 +276,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str,
     known = _known_keys(RunConfig)
     for key, value in items:
         parts = key.split(".")
-        top = ".".join(parts[:2]) if len(parts) > 2 and parts[1] == "options" else key
-        if top not in known and not (len(parts) >= 3 and parts[1] == "options"):
+        # free-form tables (data.options, clients.sampling_options, ...) accept any sub-key here
+        free = len(parts) > 2 and parts[1].endswith("options")
+        top = ".".join(parts[:2]) if free else key
+        if top not in known and not free:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"--set: unknown config key {key!r}{hint}")
@@ -299,12 +322,14 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     from fedsqueeze.algorithms.aggregators import make_aggregator
     from fedsqueeze.algorithms.attacks import make_attack
     from fedsqueeze.algorithms.registry import validate_algorithm
+    from fedsqueeze.sim.sampling import validate_sampling
 
     per_round = cfg.clients_per_round()
     a = cfg.algorithm
     agg = make_aggregator(a.aggregator, **a.aggregator_options)
     agg.require(per_round, a.num_byzantine)
     validate_algorithm(cfg)
+    validate_sampling(cfg)
     if cfg.attack.name != "none":
         make_attack(cfg.attack.name, cfg.attack.fraction, **cfg.attack.options)
     if cfg.privacy.mode == "central" and a.aggregator != "mean":

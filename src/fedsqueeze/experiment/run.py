@@ -2,12 +2,14 @@
 
 Per round t (1-based in the outputs):
 
-1. sample clients (seed tree: ``(seed, "sample", t)``);
+1. sample clients with the configured sampler (``fedsqueeze.sim.sampling``; seed tree
+   ``(seed, "sample", t)``); an importance sampler also rescales the weights (unbiased estimate);
 2. downlink: the server's broadcast payload, charged per sampled client (see ``channel``);
 3. local training from the model the clients decoded (``fedsqueeze.sim.local.train_clients``);
 4. uplink: each client's model difference through the uplink codec (+ EF); a non-finite update is
    rejected (logged and counted), never aggregated;
-5. aggregation and server step (``algorithms``), on what the server decoded from the bytes;
+5. aggregation and server step (``algorithms``), on what the server decoded from the bytes, or
+   on the payload bytes themselves when the algorithm combines them (FetchSGD sums sketches);
 6. network model: ``modelled_round_time_s`` = slowest client's download + compute + upload;
 7. evaluation every ``eval.every`` rounds and on the last round; one line appended to
    ``metrics.jsonl`` (flushed), so a killed run loses nothing already written;
@@ -21,6 +23,7 @@ last checkpoint and reaches the same final metrics as an uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,10 +42,13 @@ from fedsqueeze.algorithms import AlgoContext, make_algorithm
 from fedsqueeze.algorithms.aggregators import make_aggregator
 from fedsqueeze.algorithms.attacks import make_attack
 from fedsqueeze.algorithms.privacy import CentralDP, LocalDP, compute_epsilon
-from fedsqueeze.channel import DownlinkChannel, ParamLayout, UplinkChannel
+from fedsqueeze.channel import DownlinkChannel, ModelCodec, ParamLayout, UplinkChannel
 from fedsqueeze.errors import ConfigError, FedSqueezeError
 from fedsqueeze.experiment.config import RunConfig
-from fedsqueeze.sim.seeds import derive_seed, np_rng, torch_rng
+from fedsqueeze.sim.sampling import make_sampler, weighted_sum
+from fedsqueeze.sim.seeds import derive_seed, torch_rng
+
+log = logging.getLogger("fedsqueeze.run")
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -123,11 +129,17 @@ class _Setup:
         c = cfg.compression
         offload = str(out_dir / "state") if c.state_offload else None
         self.uplink = UplinkChannel(
-            c.uplink, self.layout, ef=c.uplink_ef, state_dtype=_dtype(c.state_dtype), offload_dir=offload
+            c.uplink,
+            self.layout,
+            ef=c.uplink_ef,
+            state_dtype=_dtype(c.state_dtype),
+            offload_dir=offload,
+            scope=c.uplink_scope,
         )
         self.downlink = DownlinkChannel(c.downlink, self.layout, mode=c.downlink_mode, ef=c.downlink_ef)
-        # extra per-client payloads of an algorithm (SCAFFOLD's Δc_i): the uplink codec, no EF
-        self.extra_uplink = UplinkChannel(c.uplink, self.layout)
+        # extra per-client payloads of an algorithm (SCAFFOLD's Δc_i): the uplink codec, no EF,
+        # stateless (no PowerSGD warm start)
+        self.extra_uplink = UplinkChannel(c.uplink, self.layout, warm_start=False, scope=c.uplink_scope)
         self.algo = make_algorithm(
             cfg,
             AlgoContext(
@@ -158,6 +170,21 @@ class _Setup:
         self.participations: dict[int, int] = {}
         self.network = NetworkModel(cfg.network.profile, d.num_clients, derive_seed(cfg.seed, "network"))
         self.per_round = cfg.clients_per_round()
+        # vectors an algorithm broadcasts with x (SCAFFOLD's c): the downlink codec, whole vector
+        self.extra_downlink = ModelCodec(c.downlink, self.layout)
+        sizes = [int(y.shape[0]) for _, y in self.client_data]
+        self.sampler = make_sampler(
+            cfg.clients.sampling,
+            cfg.clients.sampling_options,
+            num_clients=d.num_clients,
+            per_round=self.per_round,
+            seed=cfg.seed,
+            sizes=sizes,
+            weights=[self.algo.client_weight(i, n) for i, n in enumerate(sizes)],
+        )
+        # the unbiased (Horvitz-Thompson) reweighting applies to the plain weighted mean only;
+        # robust aggregators get the plain weights (they ignore weights anyway)
+        self.reweight = cfg.algorithm.aggregator == "mean" and self.central_dp is None
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -172,11 +199,14 @@ def _save_checkpoint(out: Path, s: _Setup, x: torch.Tensor, round_idx: int, tota
         shutil.rmtree(tmp)
     tmp.mkdir()
     tensors = {"global/x": x, **s.algo.state_dict(), **s.downlink.state_dict(), **s.aggregator.state_dict()}
-    if s.uplink.store is not None and s.uplink.store.offload_dir is None:
-        tensors.update(s.uplink.state_dict())
+    tensors.update(s.sampler.state_dict())
+    for st in s.uplink.stores():  # per-client uplink state (EF, PowerSGD Q): RAM-held ones here
+        if st.offload_dir is None:
+            tensors.update(st.state_dict())
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-    if s.uplink.store is not None and s.uplink.store.offload_dir is not None:
-        shutil.copytree(s.uplink.store.offload_dir, tmp / "offload")
+    for st in s.uplink.stores():  # disk-held ones: their folder, copied
+        if st.offload_dir is not None:
+            shutil.copytree(st.offload_dir, tmp / "offload" / st.name)
     meta = {
         "round": round_idx,
         "totals": totals,
@@ -202,14 +232,18 @@ def _load_checkpoint(out: Path, s: _Setup) -> tuple[torch.Tensor, int, dict[str,
     tensors = load_file(str(ck / "tensors.safetensors"))
     s.algo.load_state_dict(tensors)
     s.aggregator.load_state_dict(tensors)
+    s.sampler.load_state_dict(tensors)
     s.downlink.load_state_dict(tensors, meta["downlink"])
     s.participations = {int(k): int(v) for k, v in meta.get("participations", {}).items()}
-    if s.uplink.store is not None:
-        if s.uplink.store.offload_dir is None:
-            s.uplink.load_state_dict(tensors)
+    for st in s.uplink.stores():
+        if st.offload_dir is None:
+            st.load_state_dict(tensors)
         else:
-            shutil.rmtree(s.uplink.store.offload_dir, ignore_errors=True)
-            shutil.copytree(ck / "offload", s.uplink.store.offload_dir)
+            src = ck / "offload" / st.name
+            if not src.exists() and st is s.uplink.store:
+                src = ck / "offload"  # checkpoints written before the per-store layout
+            shutil.rmtree(st.offload_dir, ignore_errors=True)
+            shutil.copytree(src, st.offload_dir)
     return tensors["global/x"], int(meta["round"]), {k: float(v) for k, v in meta["totals"].items()}
 
 
@@ -362,11 +396,21 @@ def _one_round(
     seed = cfg.seed
     algo = s.algo
     plan = algo.plan_round(t, local_cfg)
-    clients = sorted(
-        int(c) for c in np_rng(seed, "sample", t).choice(cfg.data.num_clients, s.per_round, replace=False)
-    )
+    cohort = s.sampler.sample(t)
+    clients = cohort.clients
+    # importance sampling + plain mean: Horvitz-Thompson weights over a fixed denominator
+    denominator = cohort.denominator if s.reweight else None
     bc = s.downlink.broadcast(x, t, rng=torch_rng(seed, "down", t))
     down_bytes = [s.downlink.charge(c, t, bc.nbytes) for c in clients]
+    bx = algo.broadcast_extras(t)
+    if bx:  # algorithm vectors sent with x: encoded once, charged to every sampled client
+        bx_payloads = {
+            name: s.extra_downlink.encode(vec, rng=torch_rng(seed, "down-extra", name, t))
+            for name, vec in bx.items()
+        }
+        bx_nbytes = sum(len(p) for p in bx_payloads.values())
+        down_bytes = [b + bx_nbytes for b in down_bytes]
+        algo.receive_broadcast_extras(t, {n: s.extra_downlink.decode(p) for n, p in bx_payloads.items()})
     dropped = [c for c in clients if s.network.dropped(c, t)]
     active = [c for c in clients if c not in dropped]
     flat_starts = [algo.client_start(c, t, bc.decoded) for c in active]
@@ -394,6 +438,7 @@ def _one_round(
     train_s = time.perf_counter() - t_train
     up_bytes: dict[int, int] = {}
     decoded: dict[int, torch.Tensor] = {}
+    payloads: dict[int, bytes] = {}
     extras: dict[int, dict[str, torch.Tensor]] = {}
     weights: dict[int, float] = {}
     rejected: list[int] = []
@@ -414,19 +459,24 @@ def _one_round(
             bool(torch.isfinite(v).all()) for v in msg.extras.values()
         ):
             rejected.append(c)  # a NaN/Inf update is excluded, never encoded or aggregated
+            log.warning("round %d: client %d sent a non-finite (NaN/Inf) update; rejected", t + 1, c)
             continue
         if s.local_dp is not None:  # clip + noise on the client, before EF and encoding
             delta = s.local_dp.privatize(delta, generator=torch_rng(seed, "local-dp", t, c))
         s.participations[c] = s.participations.get(c, 0) + 1
-        dl = s.uplink.send(c, delta, rng=torch_rng(seed, "up", t, c))
-        up_bytes[c] = dl.nbytes
-        decoded[c] = dl.decoded
+        if algo.decodes_uplink:
+            dl = s.uplink.send(c, delta, rng=torch_rng(seed, "up", t, c))
+            payloads[c], decoded[c] = dl.payload, dl.decoded
+        else:  # the algorithm combines the payload bytes itself (Algorithm.aggregate_payloads)
+            payloads[c] = s.uplink.encode(c, delta, rng=torch_rng(seed, "up", t, c))
+        up_bytes[c] = len(payloads[c])
         extras[c] = {}
         for name, vec in msg.extras.items():  # each extra vector is one more measured payload
             xdl = s.extra_uplink.send(c, vec, rng=torch_rng(seed, "up-extra", name, t, c))
             up_bytes[c] += xdl.nbytes
             extras[c][name] = xdl.decoded
-        weights[c] = algo.client_weight(c, r.num_samples)
+        factor = 1.0 if denominator is None else cohort.factor(c)  # 1/(N q_c)-style HT factor
+        weights[c] = algo.client_weight(c, r.num_samples) * factor
         losses.append(r.train_loss)
     if cfg.network.compute == "measured":
         compute = {c: train_s / max(1, len(active)) for c in active}
@@ -442,16 +492,29 @@ def _one_round(
         deadline_s=cfg.network.deadline_s,
     )
     accepted = [c for c in senders if c not in set(timing.stragglers)]
+    if s.sampler.observes_norms:  # what the server learned about each aggregated client
+        for c in accepted:
+            if c in decoded:
+                s.sampler.observe(c, float(decoded[c].norm()))
     skipped = ""
     if accepted:
-        ups = [decoded[c] for c in accepted]
+        agg = algo.aggregate_payloads({c: payloads[c] for c in accepted}, {c: weights[c] for c in accepted})
+        if agg is None and not algo.decodes_uplink:
+            raise FedSqueezeError(f"{algo.name}: decodes_uplink is False but aggregate_payloads gave None")
+        ups = [decoded[c] for c in accepted] if agg is None else []
         f = cfg.algorithm.num_byzantine
-        if s.central_dp is not None:
+        if agg is not None:
+            pass  # the algorithm aggregated the payload bytes (e.g. FetchSGD's summed sketches)
+        elif s.central_dp is not None:
             agg = s.central_dp.aggregate(
                 ups, generator=torch_rng(seed, "central-dp", t), denominator=s.per_round
             )
         elif s.aggregator.tolerates(len(ups), f):
-            agg = s.aggregator(ups, [weights[c] for c in accepted], num_byzantine=f)
+            ws = [weights[c] for c in accepted]
+            if denominator is not None:  # unbiased estimate of the full-participation mean
+                agg = weighted_sum(ups, ws, denominator)
+            else:
+                agg = s.aggregator(ups, ws, num_byzantine=f)
         else:  # drops/stragglers left too few updates for the rule's guarantee: keep the model
             agg = None
             skipped = f"{s.aggregator.name} cannot tolerate f={f} among n={len(ups)} updates"
@@ -479,6 +542,11 @@ def _one_round(
         "stragglers": list(timing.stragglers),
         "aggregated_clients": len(accepted) if not skipped else 0,
         "skipped_aggregation": skipped or None,
+        **(
+            {"inclusion_probs": [cohort.inclusion[c] for c in clients]}
+            if cohort.inclusion is not None
+            else {}
+        ),
         **algo.round_metrics(),
     }
 
@@ -543,6 +611,13 @@ def _summary(
         "attack": None
         if cfg.attack.name == "none"
         else {"name": cfg.attack.name, "fraction": cfg.attack.fraction},
-        "uplink_state_bytes_ram": s.uplink.store.nbytes_ram if s.uplink.store is not None else 0,
-        "uplink_state_bytes_disk": s.uplink.store.nbytes_disk if s.uplink.store is not None else 0,
+        # per-client uplink state: EF residuals/estimates and PowerSGD warm-start Qs (all stores)
+        "uplink_state_bytes_ram": s.uplink.nbytes_ram,
+        "uplink_state_bytes_disk": s.uplink.nbytes_disk,
+        "uplink_state_bytes_by_store": {
+            st.name: {"ram": st.nbytes_ram, "disk": st.nbytes_disk} for st in s.uplink.stores()
+        },
+        # per-client algorithm state (control variates, EF21 estimates...): measured, not estimated
+        "algorithm_state_bytes_ram": sum(st.nbytes_ram for st in s.algo.stores()),
+        "algorithm_state_bytes_disk": sum(st.nbytes_disk for st in s.algo.stores()),
     }
