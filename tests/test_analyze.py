@@ -179,3 +179,28 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in res.output
     missing = runner.invoke(app, ["analyze", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 2 and "config file not found" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        ["clients.sampling=cyclic", "clients.sampling_options.groups=2"],
+        ["clients.sampling=importance", "clients.sampling_options.by=norm"],
+        ["clients.sampling=importance", "clients.sampling_options.by=size"],
+    ],
+    ids=["cyclic", "importance-norm", "importance-size"],
+)
+def test_cohorts_and_aggregate_match_the_run(sampling: list[str], tmp_path: Path) -> None:
+    """analyze draws its cohorts with the run's sampler (not a copy of the uniform draw) and applies the
+    run's aggregate (Horvitz-Thompson under importance sampling), so with the default lossless fp32
+    channels it follows the same trajectory as ``fedsqueeze run`` on the same config."""
+    from fedsqueeze.experiment import run
+
+    cfg = load_config(None, [*FAST, *sampling, "rounds=4", "eval.every=1"])
+    ran = run(cfg, tmp_path / "run", plots=False)
+    an = analyze(cfg, tmp_path / "an", kinds=("aggregate",), laws=("gaussian",), plots=False)
+    rounds = an.summary["per_round"]
+    assert [p["clients"] for p in rounds] == [m["clients"] for m in ran.metrics]
+    assert len({tuple(m["clients"]) for m in ran.metrics}) > 1  # the cohorts move
+    for p, m in zip(rounds, ran.metrics, strict=True):
+        assert p["test_loss"] == pytest.approx(m["test_loss"], rel=1e-5, abs=1e-6)

@@ -379,3 +379,24 @@ def test_resume_offload_and_state_dtype(tmp_path: Path) -> None:
     s = _Setup(config_from_dict(half), tmp_path / "half")
     assert isinstance(s.algo, EF21) and s.algo.gi.dtype == torch.float16
     assert math.isfinite(s.algo.stepsize)
+
+
+def test_model_scope_uplink_is_decoded_with_the_loops_wire_layout(tmp_path: Path) -> None:
+    """``compression.uplink_scope = "model"`` (one global Top-K frame): EF21 decodes the loop's payloads
+    (it used to build a per-tensor ModelCodec and raise DecodeError in round 1) and α is k/d of the
+    whole model, not the per-tensor minimum."""
+    raw = copy.deepcopy(BASE)
+    raw.update(rounds=5, compression={"uplink": SPEC, "uplink_scope": "model"})
+    c = config_from_dict(raw)
+    res = run(c, tmp_path / "r", plots=False)
+    m = res.metrics
+    assert all(r["ef21_updated_clients"] == 10 for r in m)
+    assert m[-1]["ef21_g_norm"] < m[0]["ef21_g_norm"]
+    s = _Setup(c, tmp_path / "setup")
+    dense = len(ModelCodec("fp32", s.layout).encode(s.x0))
+    assert max(max(r["uplink_bytes_per_client"]) for r in m) < dense / 4
+    theory = {"stepsize": "theory", "L": 2.0}
+    per_tensor = _Setup(conf(theory, compression={"uplink": "topk:k=7"}), tmp_path / "t")
+    whole = _Setup(conf(theory, compression={"uplink": "topk:k=7", "uplink_scope": "model"}), tmp_path / "m")
+    assert per_tensor.algo.alpha == pytest.approx(7 / 600)  # type: ignore[attr-defined]
+    assert whole.algo.alpha == pytest.approx(7 / 610)  # type: ignore[attr-defined]

@@ -289,6 +289,7 @@ def test_resume_restores_the_sketch_state_and_is_identical(tmp_path: Path) -> No
         ),
         ({"algorithm": {"name": "fetchsgd", "aggregator": "median"}}, "aggregator = 'mean'"),
         ({"privacy": {"mode": "central"}}, "privacy.mode = 'central'"),
+        ({"clients": {"sampling": "importance"}}, "Horvitz-Thompson"),
         ({"algorithm": {"name": "fetchsgd", "options": {"reset": "zero"}}}, "reset"),
         ({"algorithm": {"name": "fetchsgd", "options": {"k": 0}}}, "k must be >= 1"),
         ({"algorithm": {"name": "fetchsgd", "options": {"k": 1.5}}}, r"fraction must be in \(0, 1\]"),

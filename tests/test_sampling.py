@@ -280,6 +280,11 @@ def test_cyclic_groups_partition_clients_and_rotate() -> None:
             {"algorithm": {"name": "scaffnew"}},
             "needs every client every round",
         ),
+        (  # EF21 aggregates payload bytes: the loop never has a decoded update whose norm to observe
+            {"sampling": "importance", "sampling_options": {"by": "norm"}},
+            {"algorithm": {"name": "ef21", "options": {"stepsize": 0.1}}},
+            "would never observe a norm",
+        ),
     ],
 )
 def test_bad_sampling_configs_are_config_errors(clients: dict, extra: dict, msg: str) -> None:
@@ -440,3 +445,12 @@ def test_scaffold_clients_use_the_c_they_decoded() -> None:
     assert torch.allclose(msg.extras[DELTA_C], -c_dec - delta / (2 * 0.5))
     # the server's own c is untouched by what clients decoded
     assert torch.equal(algo.c, torch.arange(8.0))
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_scaffold_refuses_privacy_because_delta_c_reveals_the_update(mode: str) -> None:
+    """Δc_i = −c − Δy_i/(K η_l) travels un-noised (and c is broadcast): DP on Δy_i alone is void."""
+    privacy = {"mode": mode, "clip_norm": 1.0, "noise_multiplier": 1.0}
+    config_from_dict(synth(algorithm={"name": "fedavg"}, privacy=privacy))  # fine without Δc_i
+    with pytest.raises(ConfigError, match="Δc_i"):
+        config_from_dict(synth(algorithm={"name": "scaffold"}, privacy=privacy))

@@ -176,7 +176,10 @@ class Algorithm:
         """Aggregate the accepted clients' uplink payload *bytes* without the loop's aggregator.
 
         ``payloads[c]`` is exactly what client ``c`` sent (its bytes are counted as usual) and
-        ``weights[c]`` its :meth:`client_weight`. Return a tensor to use it as ``agg`` in
+        ``weights[c]`` its :meth:`client_weight` (times the Horvitz-Thompson factor under
+        ``clients.sampling = "importance"`` with the ``mean`` aggregator: an algorithm that uses the
+        weights must then refuse importance sampling or divide by the cohort's fixed denominator,
+        which this hook does not receive). Return a tensor to use it as ``agg`` in
         :meth:`server_update` (its meaning and shape are the algorithm's: FetchSGD returns the summed
         sketch tables); return None (the default) for the aggregator on the decoded updates.
         """

@@ -46,9 +46,11 @@ gradients are taken at the decoded model, which the EF21 theorem does not cover)
 (``decodes_uplink = False`` and :meth:`EF21.aggregate_payloads`) and decodes each one once: that
 decode is what the server adds to ``g`` and what the client, decoding its own payload, adds to
 ``g_i``. A client's ``g_i`` changes only when the server accepted its message (a dropped,
-straggling or NaN client keeps ``g_i``, exactly like an absent one). The loop's aggregator and the
-clients' weights are not used: the server step is the paper's plain ``1/n``, whatever the sampler
-(EF21-PP needs no reweighting: absent clients are represented by their stale ``g_i``).
+straggling or NaN client keeps ``g_i``, exactly like an absent one); that the client learns the
+server's accept/reject decision is modelled, not charged (a per-client acknowledgement). The
+loop's aggregator and the clients' weights are not used: the server step is the paper's plain
+``1/n``, whatever the sampler (EF21-PP needs no reweighting: absent clients are represented by
+their stale ``g_i``).
 
 **No double error feedback.** EF21 is done here, on gradients, so ``compression.uplink_ef`` must be
 ``"none"`` (ConfigError otherwise). The channel's own ``uplink_ef = "ef21"`` mode with FedAvg is a
@@ -65,7 +67,8 @@ from ``L`` (smoothness of f, required), ``L_tilde`` (``sqrt((1/n) Σ L_i²)``, d
 contraction ``α`` of C (``‖C(x) − x‖² ≤ (1 − α)‖x‖²``): given as ``alpha``, or derived from the
 uplink codec -- a lossless codec (``fp32``, or ``zstd`` around one) has α = 1 (γ = 1/L); Top-K with
 fp32 values is applied per parameter tensor, so α = min over tensors of ``k_l / d_l`` (= the ratio
-when it rounds exactly, e.g. ``topk:10%`` on the 60x10 + 10 logreg gives 60/600 = 1/10 = 0.1).
+when it rounds exactly, e.g. ``topk:10%`` on the 60x10 + 10 logreg gives 60/600 = 1/10 = 0.1), or
+over the whole model with ``compression.uplink_scope = "model"`` (one global Top-K, α = k/d).
 Other codecs need ``alpha``. The rule is about ``1 / (L (1 + 2/α))`` and conservative (tune upward
 first). It is the full-participation bound; the EF21-PP analysis has its own, participation-dependent
 bound (not implemented): under PP take a smaller step (the tests use 0.3 with all 10 clients, 0.15
@@ -163,6 +166,7 @@ class EF21(Algorithm):
         codec: str = "fp32",
         gradient: str = "full",
         alpha: float | None = None,
+        scope: str = "tensor",
     ) -> None:
         if not (math.isfinite(stepsize) and stepsize > 0):
             raise ConfigError(f"ef21: stepsize must be a finite number > 0, got {stepsize!r}")
@@ -174,7 +178,8 @@ class EF21(Algorithm):
         self.stepsize = float(stepsize)
         self.gradient = gradient
         self.alpha = alpha
-        self.mc = ModelCodec(codec, ctx.layout)
+        # the loop's uplink wire layout (compression.uplink_scope): one frame per tensor or one in all
+        self.mc = ModelCodec(codec, ctx.layout, scope=scope)
         self.gi = VectorStore("ef21_g", dtype=ctx.state_dtype, offload_dir=ctx.offload_dir)
         self.g = torch.zeros(ctx.layout.numel)
         self._received: dict[int, torch.Tensor] = {}  # c -> decoded c_i of this round
@@ -258,17 +263,22 @@ class EF21(Algorithm):
 
     @classmethod
     def from_config(cls, cfg: RunConfig, ctx: AlgoContext) -> EF21:
+        from fedsqueeze.channel import ModelCodec
+
         o = cls.validate(cfg)
         alpha = o["alpha"]
+        scope = cfg.compression.uplink_scope
         if o["stepsize"] == "theory":
-            if alpha is None:
-                numels = [math.prod(s) for s in ctx.layout.shapes]
-                alpha = contraction_alpha(cfg.compression.uplink, numels)
+            if alpha is None:  # per tensor of the wire layout (the whole model with scope = "model")
+                wire = ModelCodec(cfg.compression.uplink, ctx.layout, scope=scope).wire
+                alpha = contraction_alpha(cfg.compression.uplink, [math.prod(s) for s in wire.shapes])
                 assert alpha is not None  # validate() checked that it can be derived
             step = theory_stepsize(o["L"], o["L_tilde"], alpha)
         else:
             step = o["stepsize"]
-        return cls(ctx, stepsize=step, codec=cfg.compression.uplink, gradient=o["gradient"], alpha=alpha)
+        return cls(
+            ctx, stepsize=step, codec=cfg.compression.uplink, gradient=o["gradient"], alpha=alpha, scope=scope
+        )
 
     # --------------------------------------------------------------- hooks
     def plan_round(self, t: int, local: LocalTrainConfig) -> RoundPlan:

@@ -16,11 +16,16 @@ Clients are stateless: client ``i`` sends the CountSketch ``S(u_i)`` of its whol
 
 ``u_i`` already carries the client step (``y_i − x = −η_l Σ g``), hence ``x + Δ`` where the paper
 writes ``w − Δ`` for gradients. ``w_i`` are the loop's client weights (sample counts); the paper's
-``1/W`` is the equal-weight case. By linearity ``S_e`` is exactly the sketch of the accumulated
-error ``e = Σ_t η u_t − Σ_t Δ_t``: nothing is lost, only delayed. ``reset="cells"`` instead zeroes
-every cell of ``S_u`` and ``S_e`` that a recovered coordinate hashes to, as the authors' code does
-(it reports that subtracting ``S(Δ)`` made its runs diverge); that also discards the mass of the
-other coordinates sharing those cells. Try it when ``subtract`` is unstable (``cols`` too small).
+``1/W`` is the equal-weight case. The cohort comes from ``clients.sampling`` = ``uniform`` or
+``cyclic`` (``importance`` is a ConfigError: its unbiased estimate needs a fixed denominator).
+Dropped, straggling and NaN clients are absent from S (the mean is over the accepted clients); a
+round with none leaves ``x``, ``S_u`` and ``S_e`` unchanged.
+
+By linearity ``S_e`` is exactly the sketch of the accumulated error ``e = Σ_t η u_t − Σ_t Δ_t``:
+nothing is lost, only delayed. ``reset="cells"`` instead zeroes every cell of ``S_u`` and ``S_e``
+that a recovered coordinate hashes to, as the authors' code does (it reports that subtracting
+``S(Δ)`` made its runs diverge); that also discards the mass of the other coordinates sharing those
+cells. Try it when ``subtract`` is unstable (``cols`` too small).
 
 Values of Δ: the sketch's median estimates (one round of communication). The paper's optional
 second round, in which clients return exact values at the recovered coordinates, is not
@@ -195,6 +200,12 @@ class FetchSGD(Algorithm):
             raise ConfigError(
                 "fetchsgd cannot use privacy.mode = 'central': central DP clips each decoded update and "
                 "fetchsgd never decodes client updates; use privacy.mode = 'local' or 'none'"
+            )
+        if cfg.clients.sampling == "importance":
+            raise ConfigError(
+                "fetchsgd normalises the summed tables by the cohort's weights (Σ w_i S_i / Σ w_i); "
+                "clients.sampling = 'importance' needs the Horvitz-Thompson sum over a fixed denominator "
+                "to stay unbiased, which this aggregate does not take; use 'uniform' or 'cyclic'"
             )
         return o
 

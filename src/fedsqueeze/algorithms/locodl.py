@@ -95,7 +95,12 @@ partial participation), ``clients.momentum = 0``, ``server.lr = 1`` and ``server
 ``algorithm.aggregator = "mean"`` without central DP, ``compression.uplink_ef = "none"``, a lossless
 downlink. Dropped, straggling or NaN clients break the full-participation assumption: such a client
 keeps its ``x_i, u_i`` of the round start and d̄ is ``Σ_accepted d_j / (n + n_accepted)`` (they count
-as having sent ``d_j = d̄``), which keeps ``(1/n) Σ u_i + v = 0``; avoid them.
+as having sent ``d_j = d̄``), which keeps ``(1/n) Σ u_i + v = 0``; avoid them. (That a client
+learns whether it was accepted is modelled, not charged: a per-client acknowledgement.)
+
+State: ``x_i`` and ``u_i`` per client (float32 :class:`VectorStore` s ``locodl_x``, ``locodl_u``;
+``compression.state_dtype`` is not applied, they are exact corrections; on disk with
+``compression.state_offload``), the shared ``y``, ``v`` and ``cum_iterations``: all checkpointed.
 """
 
 from __future__ import annotations

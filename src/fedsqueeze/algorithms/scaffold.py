@@ -15,7 +15,8 @@ Traffic: SCAFFOLD uploads twice the vectors of FedAvg. ``Δy_i`` goes through th
 (codec + EF as configured); ``Δc_i`` is a second payload encoded with the same uplink codec (no
 EF) and its bytes are added to the client's ``uplink_bytes``. The client also sets
 ``c_i ← c_i + decoded(Δc_i)`` — from its own bytes, so client and server stay consistent — and
-only when the server accepted its update (dropped, straggling or rejected clients keep ``c_i``).
+only when the server accepted its update (dropped, straggling or rejected clients keep ``c_i``;
+the client learning the server's decision is modelled, not charged).
 The paper broadcasts ``(x, c)``: ``c`` is a broadcast extra (``Algorithm.broadcast_extras``),
 encoded every round with the ``compression.downlink`` codec as a whole vector and charged to every
 sampled client's ``downlink_bytes`` (one more fp32-container payload when the downlink is fp32).
@@ -24,7 +25,9 @@ its exact ``c``. With a lossless downlink the two are identical; with a lossy on
 still holds on the server, but the clients' correction carries the downlink's error.
 
 The mean over S uses the loop's aggregator (sample-weighted ``mean`` by default; the paper uses a
-plain mean). Local momentum is rejected: option II assumes plain SGD steps.
+plain mean). Local momentum is rejected: option II assumes plain SGD steps. Differential privacy
+is rejected too: ``Δc_i`` is a deterministic function of the un-noised ``Δy_i`` (and ``c`` is
+broadcast), so noising ``Δy_i`` alone would protect nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ class Scaffold(FedAvg):
             raise ConfigError(
                 f"clients.momentum = {cfg.clients.momentum}: scaffold (option II) assumes plain local SGD; "
                 "set clients.momentum = 0"
+            )
+        if cfg.privacy.mode != "none":
+            raise ConfigError(
+                f"scaffold with privacy.mode = {cfg.privacy.mode!r}: DP clips and noises Δy_i only, but "
+                "Δc_i = −c − Δy_i/(K η_l) is uploaded un-noised (and c, built from it, is broadcast), which "
+                "reveals Δy_i exactly and voids the guarantee; set privacy.mode = 'none'"
             )
         return o
 

@@ -13,10 +13,12 @@ learned state (``importance`` by norm) is checkpointed through ``state_dict``/``
 ``importance``
     Fixed-size unequal-probability sampling with **Horvitz-Thompson** reweighting. Sampling scores
     ``s_c`` (``by = "size"``: the client's data size ``n_c``; ``by = "norm"``: ``w_c · u_c`` with
-    ``u_c`` the norm of the client's last aggregated update — the variance-minimising choice of
-    Chen, Horváth, Richtárik, "Optimal Client Sampling for Federated Learning", TMLR 2022 — a client
-    never seen uses the mean of the known norms, or ``prior_norm`` when none is known) become
-    probabilities with a floor, so every client can be drawn::
+    ``u_c`` the norm of the client's last aggregated update as the server decoded it — the
+    variance-minimising choice of Chen, Horváth, Richtárik, "Optimal Client Sampling for Federated
+    Learning", TMLR 2022, with stale norms — a client never seen uses the mean of the known norms, or
+    ``prior_norm`` when none is known; algorithms that never decode a client's update (``ef21``,
+    ``locodl``, ``fetchsgd``) cannot use it) become probabilities with a floor, so every client can
+    be drawn::
 
         q_c = (1 − floor) · s_c / Σ s + floor / N               # q_c ≥ floor / N > 0
 
@@ -396,6 +398,16 @@ def validate_sampling(cfg: RunConfig) -> dict[str, Any]:
             f"privacy.mode = 'central' accounts for uniform client sampling; it cannot be combined with "
             f"clients.sampling = {name!r}"
         )
+    if name == "importance" and o["by"] == "norm":
+        from fedsqueeze.algorithms.registry import ALGORITHMS
+
+        algo = ALGORITHMS.get(cfg.algorithm.name)
+        if algo is not None and not algo.decodes_uplink:
+            raise ConfigError(
+                f"clients.sampling_options.by = 'norm' learns each client's norm from its decoded update, "
+                f"but algorithm {cfg.algorithm.name!r} aggregates the payload bytes itself (no decoded "
+                "per-client update): the sampler would never observe a norm; use by = 'size'"
+            )
     if name == "cyclic" and o["groups"] > 1 and cfg.algorithm.name in _FULL_PARTICIPATION:
         raise ConfigError(
             f"algorithm {cfg.algorithm.name!r} needs every client every round; clients.sampling = 'cyclic' "

@@ -8,10 +8,13 @@ round's model differences.
 
 The training loop (the same seed tree as ``fedsqueeze run``)
     partition with ``derive_seed(seed, "partition")``, initial model under
-    ``torch.manual_seed(derive_seed(seed, "init"))``; round ``t`` (0-based) samples ``clients``
-    distinct clients with ``np_rng(seed, "sample", t)`` (sorted), trains them with
+    ``torch.manual_seed(derive_seed(seed, "init"))``; round ``t`` (0-based) draws its cohort with
+    the run's sampler (``clients.sampling``, :func:`fedsqueeze.sim.sampling.make_sampler`, seed tree
+    ``(seed, "sample", t)``; ``uniform``: ``clients`` distinct clients), trains them with
     :func:`~fedsqueeze.sim.local.train_clients` from the current global model (batch seeds
-    ``derive_seed(seed, "train", t, c)``), averages the deltas weighted by sample count and applies
+    ``derive_seed(seed, "train", t, c)``), averages the deltas weighted by sample count (under
+    ``importance`` sampling: the run's Horvitz-Thompson sum over its fixed denominator, and the
+    sampler observes each aggregated client's update norm, uncompressed here) and applies
     the server step ``x += server.lr * v``, ``v = server.momentum * v + mean_delta``. A client whose
     delta has a NaN/Inf is left out of the average and of the statistics (counted in the round's
     ``rejected`` list). The ``compression``, ``algorithm``, ``attack``, ``privacy`` and ``network``
@@ -69,7 +72,8 @@ import torch
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.experiment.config import RunConfig
 from fedsqueeze.experiment.run import evaluate as evaluate_model
-from fedsqueeze.sim.seeds import derive_seed, np_rng
+from fedsqueeze.sim.sampling import make_sampler
+from fedsqueeze.sim.seeds import derive_seed
 from fedsqueeze.stats.fit import LAWS, LayerFit, _check_laws, fit_layer
 from fedsqueeze.stats.independence import ks_pass_rate, spearman_pass_rate
 
@@ -349,6 +353,18 @@ def analyze(
         max_steps=c.max_steps,
     )
     srv = config.server
+    # the run's sampler (fedsqueeze.experiment.run._Setup): same cohorts for the same config and seed;
+    # FedAvg's aggregation weights are the sample counts
+    sizes = [int(y.shape[0]) for _, y in s.client_data]
+    sampler = make_sampler(
+        c.sampling,
+        c.sampling_options,
+        num_clients=n_clients,
+        per_round=per_round,
+        seed=config.seed,
+        sizes=sizes,
+        weights=sizes,
+    )
 
     records: list[dict[str, Any]] = []
     round_info: list[dict[str, Any]] = []
@@ -357,9 +373,8 @@ def analyze(
     try:
         for t in range(n_rounds):
             t0 = time.perf_counter()
-            sampled = sorted(
-                int(i) for i in np_rng(config.seed, "sample", t).choice(n_clients, per_round, replace=False)
-            )
+            cohort = sampler.sample(t)
+            sampled = cohort.clients
             results = train_clients(
                 s.model,
                 x,
@@ -376,8 +391,15 @@ def analyze(
             rejected = [i for i in sampled if i not in {j for j, _ in ok}]
             agg: dict[str, torch.Tensor] | None = None
             if ok:
-                total = float(sum(r.num_samples for _, r in ok))
-                weights = [r.num_samples / total if total > 0 else 1.0 / len(ok) for _, r in ok]
+                if sampler.observes_norms:  # as the run: the norm of each aggregated client's flat update
+                    for i, r in ok:
+                        flat = torch.cat([r.delta[n].reshape(-1).float() for n in s.names])
+                        sampler.observe(i, float(flat.norm()))
+                if cohort.denominator is not None:  # importance: Horvitz-Thompson, fixed denominator
+                    weights = [r.num_samples * cohort.factor(i) / cohort.denominator for i, r in ok]
+                else:
+                    total = float(sum(r.num_samples for _, r in ok))
+                    weights = [r.num_samples / total if total > 0 else 1.0 / len(ok) for _, r in ok]
                 agg = {
                     n: sum(
                         (w * r.delta[n] for w, (_, r) in zip(weights, ok, strict=True)),
