@@ -19,6 +19,7 @@ from fedsqueeze.codecs.budget import (
 from fedsqueeze.codecs.entropy import Ans
 from fedsqueeze.codecs.spec import parse_spec
 from fedsqueeze.errors import ConfigError, DecodeError, EncodeError
+from fedsqueeze.wire.container import decode_container
 from fedsqueeze.wire.frame import build_frame, inspect
 
 
@@ -156,7 +157,7 @@ def test_too_small_budgets() -> None:
         ("budget:bytes=1.5", "not an integer"),
         ("budget:0.6", "unexpected extra"),
         ("budget:bits=1,max_bits=17", "max_bits"),
-        ("budget:bits=1 > uniform:4", "chooses the value bit width"),
+        ("budget:bits=1 > topk:1% > uniform:4", "chooses Top-K's k"),
         ("topk:1% > budget:bits=1", "stages must be"),
     ],
 )
@@ -236,3 +237,189 @@ def test_index_size_matches_topk_index_section() -> None:
             assert index_section_nbytes(idx, d) == len(encode_indices(idx, d)), (d, k)
     clustered = np.arange(1000, 3000, dtype=np.int64)
     assert index_section_nbytes(clustered, 10**6) == len(encode_indices(clustered, 10**6))
+
+
+# ---------------------------------------------------------------------------- template mode
+#: one spec per method of the M22 budget sweep (examples/fmnist_budget_sweep.toml)
+TEMPLATES = [
+    "m22:bits=3,M=0",
+    "m22:bits=2,M=2",
+    "m22:bits=4,M=4",
+    "weibull_lloyd:2",
+    "tinyscript:4",
+    "uniform:3",
+    "fp8",
+    "fp4",
+    "countsketch:rows=1,k=0.1%,table=fp16",
+]
+
+
+def _cnn_update() -> dict[str, torch.Tensor]:
+    """A realistic update: the shapes of cifar_cnn's first layers, heavy-tailed entries whose scale
+    differs per layer, and an integer buffer (which must go ``raw``)."""
+    g = gen(21)
+    t = torch.distributions.StudentT(3.0)
+    torch.manual_seed(21)
+    return {
+        "conv1.weight": t.sample((32, 1, 3, 3)) * 3e-2,
+        "conv1.bias": torch.randn(32, generator=g) * 1e-2,
+        "conv2.weight": t.sample((64, 32, 3, 3)) * 5e-3,
+        "conv2.bias": torch.randn(64, generator=g) * 1e-3,
+        "fc.weight": t.sample((10, 640)) * 1e-2,
+        "fc.bias": torch.randn(10, generator=g) * 1e-2,
+        "steps": torch.tensor(50),
+    }
+
+
+def _d(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("bits", [0.6, 1.8])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_template_fills_the_update_budget(template: str, bits: float) -> None:
+    """Each sweep method, at M22's R = 0.6 d and 1.8 d: the measured container is within the budget
+    and uses nearly all of it, one more unit of the knob would not fit, and it decodes."""
+    state = _cnn_update()
+    policy = parse_spec(f"budget:bits={bits} > {template}")
+    assert isinstance(policy, Budget)
+    budget = math.floor(bits * _d(state) / 8)
+    fit = policy.fit_update(state, rng=gen(1))
+    assert fit.budget_nbytes == budget == policy.update_budget_nbytes(state)
+    assert fit.nbytes == len(fit.payload) <= budget
+    assert fit.nbytes >= 0.99 * budget, (fit.nbytes, budget)
+    # the search found the largest knob: one more does not fit
+    from fedsqueeze.codecs.budget import _TemplateSearch
+
+    floats = {n: t for n, t in state.items() if t.is_floating_point()}
+    search = _TemplateSearch(policy.template, floats, state)  # type: ignore[arg-type]
+    assert len(search.build(fit.knob + 1, gen(1))[0]) > budget
+    # encode_state_dict (hence every channel) sends exactly this container
+    assert fedsqueeze.encode_state_dict(state, policy, rng=gen(1)) == fit.payload
+    back = fedsqueeze.decode_state_dict(fit.payload)
+    assert list(back) == list(state) and torch.equal(back["steps"], state["steps"])
+    frames = decode_container(fit.payload)
+    for name, t in floats.items():
+        assert back[name].shape == t.shape
+        if not policy.stochastic:  # every frame is the template's own, reproduced by its spec
+            assert bytes(frames[name]) == parse_spec(fit.specs[name]).encode(t)
+
+
+@pytest.mark.parametrize("template", [*TEMPLATES, "lloydmax:3,M=2", "topk > fp16", "topk"])
+def test_template_size_prediction_is_exact(template: str) -> None:
+    """The search's zero-valued size probes equal the real payload sizes (guards format drift)."""
+    from fedsqueeze.codecs.budget import _Template, _TemplateSearch
+
+    state = _cnn_update()
+    floats = {n: t for n, t in state.items() if t.is_floating_point()}
+    search = _TemplateSearch(_Template.parse(template), floats, state)
+    d = _d(state)
+    for knob in (search.kmin, 1, 7, d // 100, d // 10, d // 3):
+        assert search.predicted_nbytes(knob) == len(search.build(knob, gen(2))[0]), knob
+
+
+def test_global_topk_matches_m22_global_selection() -> None:
+    from fedsqueeze.codecs.rd import global_topk_counts
+
+    state = _cnn_update()
+    fit = parse_spec("budget:bits=0.6 > m22:bits=2,M=2").fit_update(state)  # type: ignore[attr-defined]
+    counts = global_topk_counts(state, k=fit.knob)
+    for name, spec in fit.specs.items():
+        assert spec == f"m22:k={counts[name]},bits=2,M=2,law=gennorm"
+
+
+def test_template_on_one_tensor_is_reproduced_by_its_spec() -> None:
+    x = torch.distributions.StudentT(3.0).sample((5000,))
+    specs = ["budget:bits=0.6 > m22:bits=2,M=2", "budget:bytes=900 > tinyscript:3", "budget:bits=1.8 > fp4"]
+    for spec in specs:
+        policy = parse_spec(spec)
+        fit = policy.fit(x, rng=gen(3))  # type: ignore[attr-defined]
+        assert fit.nbytes <= policy.budget_nbytes(5000)  # type: ignore[attr-defined]
+        assert policy.encode(x, rng=gen(3)) == fit.payload
+        assert parse_spec(fit.specs[""]).encode(x, rng=gen(3)) == fit.payload
+        # the caller's generator advances exactly as for that one encode
+        g1, g2 = gen(3), gen(3)
+        policy.encode(x, rng=g1)
+        parse_spec(fit.specs[""]).encode(x, rng=g2)
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_template_budget_too_small(template: str) -> None:
+    state = _cnn_update()
+    policy = parse_spec(f"budget:bytes=300 > {template}")
+    with pytest.raises(EncodeError, match=r"300 bytes cannot hold .* smallest payload .* is \d+ bytes"):
+        policy.encode_update(state)  # type: ignore[attr-defined]
+    x = torch.randn(1000, generator=gen(4))
+    small = parse_spec(f"budget:bytes=20 > {template}")
+    minimum = small.min_nbytes(x)  # type: ignore[attr-defined]
+    with pytest.raises(EncodeError, match=f"smallest payload .* is {minimum} bytes"):
+        small.encode(x)
+    assert len(parse_spec(f"budget:bytes={minimum} > {template}").encode(x, rng=gen(5))) <= minimum
+
+
+def test_plain_budget_covers_the_whole_update() -> None:
+    """Without a template, a whole update shares one budget (biases alone could not meet 0.6 bits)."""
+    state = _cnn_update()
+    payload = fedsqueeze.encode_state_dict(state, parse_spec("budget:bits=0.6"))
+    assert len(payload) <= math.floor(0.6 * _d(state) / 8)
+    assert list(fedsqueeze.decode_state_dict(payload)) == list(state)
+
+
+def test_uplink_channel_with_ef_stays_within_budget() -> None:
+    from fedsqueeze.channel import ParamLayout, UplinkChannel
+
+    state = {n: t for n, t in _cnn_update().items() if t.is_floating_point()}
+    layout = ParamLayout.from_state(state)
+    budget = math.floor(0.6 * layout.numel / 8)
+    ch = UplinkChannel("budget:bits=0.6 > m22:bits=3,M=2", layout, ef="ef14")
+    delta = layout.flatten(state)
+    for _ in range(3):
+        dl = ch.send(0, delta, rng=gen(6))
+        assert dl.nbytes <= budget and dl.nbytes >= 0.99 * budget
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("budget:bits=1 > m22:10%,bits=2", "chooses m22's k"),
+        ("budget:bits=1 > m22:k=5", "chooses m22's k"),
+        ("budget:bits=1 > countsketch:cols=100,k=1%", "chooses countsketch's cols"),
+        ("budget:bits=1 > m22:bits=2 > zstd", "nothing may follow"),
+        ("budget:bits=1 > uniform:4 > zstd", "lossless stage"),
+        ("budget:bits=1 > uniform:4 > ans", "lossless stage"),
+        ("budget:bits=1 > randk:10%", "sparsifier stage"),
+        ("budget:bits=1,max_bits=4 > uniform:4", "max_bits"),
+        ("budget:bits=1 > uniform:40", "uniform"),
+        ("budget:bits=1 > nosuch", "unknown codec"),
+    ],
+)
+def test_bad_templates(spec: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("budget:bits=0.6 > m22:bits=2,M=2", "budget:bits=0.6 > m22:bits=2,M=2,law=gennorm"),
+        ("budget:bits=0.6 > topk > uniform:2", "budget:bits=0.6 > uniform:2"),
+        ("budget:bits=1.8 > topk", "budget:bits=1.8 > fp32"),
+        ("budget:bytes=4096 > countsketch:k=1%", "budget:bytes=4096 > countsketch:rows=5,k=1%"),
+        ("budget:bits=0.6 > fp8", "budget:bits=0.6 > fp8:e4m3"),
+    ],
+)
+def test_template_spec_round_trip(spec: str, canonical: str) -> None:
+    c = parse_spec(spec)
+    assert c.spec == canonical
+    assert parse_spec(c.spec).spec == canonical
+
+
+@pytest.mark.parametrize(
+    "spec",
+    harness.extra(
+        ["budget:bytes=256 > m22:bits=2,M=2", "budget:bytes=300 > tinyscript:3", "budget:bytes=200 > fp4"]
+    ),
+)
+def test_template_conformance_harness(spec: str) -> None:
+    harness.run_spec_checks(spec)

@@ -18,7 +18,15 @@ from fedsqueeze.wire.container import decode_container, encode_container
 def encode_state_dict(
     state: Mapping[str, torch.Tensor], codec: Codec, *, rng: torch.Generator | None = None
 ) -> bytes:
-    """Encode every tensor of ``state`` (in order) into one container payload."""
+    """Encode every tensor of ``state`` (in order) into one container payload.
+
+    A codec with an ``encode_update(state, *, rng)`` method (the ``budget`` policy) encodes the
+    whole update itself, so one byte budget covers the container (names, every frame).
+    """
+    whole = getattr(codec, "encode_update", None)
+    if callable(whole):
+        payload: bytes = whole(state, rng=rng)
+        return payload
     raw = Raw()
     frames = {
         name: (codec if t.dtype in FLOAT_DTYPES else raw).encode(t, rng=rng) for name, t in state.items()

@@ -20,6 +20,10 @@ an optional **sparsifier** (``topk``, ``randk``, ``threshold``), then an optiona
     randk:10%                    Rand-K, indices regenerated from a seed, values scaled d/k
     threshold:0.5 > fp16 > zstd
     Top-1% then 4-bit            friendly aliases: "top-P%", "rand-P%", "N-bit", "Nbit"
+
+A **policy** stage first (``budget``, whose class sets ``takes_template``) receives everything
+after it as a *template* it sizes to a byte budget, e.g. ``budget:bits=0.6 > m22:bits=2,M=2``
+(see :mod:`fedsqueeze.codecs.budget`); the stage-order rule then applies inside the template.
 """
 
 from __future__ import annotations
@@ -177,6 +181,10 @@ def parse_spec(spec: str) -> Codec:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown codec {name!r} in spec {spec!r}{hint} (known: {', '.join(names())})")
         built.append((cls.stage, cls, SpecArgs(text.strip(), pos, kw)))
+
+    if len(built) > 1 and getattr(built[0][1], "takes_template", False):
+        # A policy stage (``budget``) owns the rest of the spec as a template it sizes itself.
+        return built[0][1].from_spec(built[0][2], template=" > ".join(s.strip() for s in stages[1:]))
 
     order = {"sparsifier": 0, "values": 1, "lossless": 2}
     kinds = [k for k, _, _ in built]
