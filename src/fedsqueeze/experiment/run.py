@@ -554,7 +554,11 @@ def _one_round(
 def _client_data(s: _Setup, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Client ``c``'s training data; a label-flipping Byzantine client trains on poisoned labels."""
     x, y = s.client_data[c]
-    if s.attack is not None and s.attack.poisons_data:
+    if (
+        s.attack is not None
+        and s.attack.poisons_data
+        and c in s.attack.byzantine_clients(s.cfg.data.num_clients)  # honest clients keep their labels
+    ):
         y = s.attack.poison_labels(y, s.data.num_classes, c)
     return x, y
 
