@@ -20,7 +20,8 @@ model the client *receives*, so it runs at the start of the next round from the 
 (``x_i`` below), with the x̂_i the client kept. Metrics: ``local_steps_per_client`` (K),
 ``communication_rounds`` (= round), ``cum_iterations`` (Σ K, the T of the theory) and
 ``h_weighted_sum_norm`` = ‖Σ_i w_i h_i‖ (0 up to rounding when averaging is exact; it drifts under
-lossy uplink compression, a known weakness of FedComLoc-Com). The weighted variant is ProxSkip in
+lossy uplink compression with ``h_ref = "local"``, a known weakness of FedComLoc-Com; see
+``h_ref`` below). The weighted variant is ProxSkip in
 the w-weighted inner product (the prox of the consensus constraint is the weighted mean), so it
 converges to the minimiser of Σ_i w_i f_i.
 
@@ -43,6 +44,26 @@ NOT verified (its body and code were not reachable; see the research notes §2.3
 ``x_i = C(x̄)``), which is the default for ``fedcomloc``; Top-K on a model zeroes small weights every
 round, on a difference it does not. For ``"local"`` the compressor is always applied to the model.
 
+``h_ref`` chooses the reference of the control-variate update when the uplink is lossy. Write
+``u_i`` for what the server rebuilds from client i's payload bytes (``compress = "model"``:
+``u_i = C(x̂_i)``; ``"delta"``: ``u_i = x_i + C(x̂_i − x_i)``), so ``x̄ = Σ_j w_j u_j`` (w normalised)::
+
+    h_ref = "local" (default):  h_i ← h_i + (p/γ)(x̄ − x̂_i)
+        ⇒ Σ_i w_i h_i  grows by (p/γ)(Σ_i w_i u_i − Σ_i w_i x̂_i) every communication:
+          the mean compression error, amplified by p/γ (= 2 at p = 0.2, γ = 0.1)
+    h_ref = "sent":             h_i ← h_i + (p/γ)(x̄ − u_i)
+        ⇒ Σ_i w_i h_i  grows by (p/γ)(x̄ − Σ_i w_i u_i) = 0 (exactly, up to float rounding)
+
+With ``"local"`` the drift enters every local step as a common bias ``γ Σ_i w_i h_i`` of the mean
+iterate; on MNIST with Top-K 10% or uniform 4-bit of the *model* it grows until the run diverges.
+With ``"sent"`` the client uses what it sent: it encoded the payload, so it decodes its own bytes
+(like error feedback does), and ``Σ w_i h_i = 0`` is kept. This is OUR stabilisation, not verified
+to be the FedComLoc paper's update (its body was not reachable; the paper's equations as usually
+written match ``"local"``). A lossless uplink makes both identical. ``"sent"`` fixes only the
+uplink's drift: the broadcast of ``"global"`` (``x_i ← C(x̄)``) still moves Σ w_i h_i, and so do
+dropped clients and stragglers (they keep ``x̂_i``). It needs the server's update to be the decoded
+payload, so ``compression.uplink_ef = "ef21"`` is refused.
+
 Pitfalls honoured: the coin is shared; h_i start at 0; rounds ≠ local steps (both reported);
 partial participation is not part of Scaffnew (``clients.per_round`` must equal
 ``data.num_clients``); ``clients.momentum`` must be 0 and ``server.lr``/``server.momentum`` keep
@@ -52,6 +73,7 @@ replaces them). Dropped or straggling clients (network model) break Σ w_i h_i =
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,12 +82,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fedsqueeze.algorithms.base import AlgoContext, Algorithm, ClientMessage, RoundPlan, opt_choice, opt_float
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.codecs import decode_state_dict
+from fedsqueeze.errors import ConfigError, EncodeError
 from fedsqueeze.sim.local import GradHook, LocalResult, LocalTrainConfig, client_batches
 from fedsqueeze.sim.seeds import np_rng, torch_rng
 from fedsqueeze.sim.state import VectorStore
 
 if TYPE_CHECKING:
+    from fedsqueeze.channel import ParamLayout
     from fedsqueeze.experiment.config import RunConfig
 
 
@@ -73,7 +97,12 @@ class Scaffnew(Algorithm):
     """Scaffnew/ProxSkip; the base of :class:`FedComLoc`."""
 
     name = "scaffnew"
-    OPTIONS: ClassVar[dict[str, Any]] = {"p": 0.2, "compress": "delta", "weights": "uniform"}
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "p": 0.2,
+        "compress": "delta",
+        "weights": "uniform",
+        "h_ref": "local",
+    }
 
     def __init__(
         self,
@@ -84,6 +113,7 @@ class Scaffnew(Algorithm):
         weights: str = "uniform",
         variant: str = "none",
         local_codec: str | None = None,
+        h_ref: str = "local",
     ) -> None:
         self.ctx = ctx
         self.p = p
@@ -91,6 +121,7 @@ class Scaffnew(Algorithm):
         self.compress = compress
         self.weights = weights
         self.variant = variant
+        self.h_ref = h_ref
         self.h = VectorStore(f"{self.name}_h", dtype=torch.float32, offload_dir=ctx.offload_dir)
         self.xhat = VectorStore(f"{self.name}_xhat", dtype=torch.float32, offload_dir=ctx.offload_dir)
         self.local_mc = None
@@ -110,6 +141,13 @@ class Scaffnew(Algorithm):
         o["p"] = opt_float(o, "p", gt=0.0, le=1.0)
         o["compress"] = opt_choice(o, "compress", ("model", "delta"))
         o["weights"] = opt_choice(o, "weights", ("uniform", "samples"))
+        o["h_ref"] = opt_choice(o, "h_ref", ("local", "sent"))
+        if o["h_ref"] == "sent" and cfg.compression.uplink_ef == "ef21":
+            raise ConfigError(
+                f"{cls.name}: algorithm.options.h_ref = 'sent' rebuilds the server's view from the payload "
+                "bytes, but with compression.uplink_ef = 'ef21' the server uses its estimate g_i instead; "
+                "set uplink_ef = 'none' or h_ref = 'local'"
+            )
         n, k = cfg.data.num_clients, cfg.clients_per_round()
         if k != n:
             raise ConfigError(
@@ -156,6 +194,7 @@ class Scaffnew(Algorithm):
     def client_start(self, c: int, t: int, broadcast: torch.Tensor) -> torch.Tensor:
         xhat = self.xhat.get(c)
         if xhat is not None:  # the h update of the previous communication, with the model received
+            # xhat: x̂_i (h_ref "local") or u_i, the model the server rebuilt from its bytes ("sent")
             self.h.set(c, self._hvec(c) + (self.p / self.gamma) * (broadcast - xhat))
             self.xhat.discard(c)
         self._base = broadcast
@@ -192,9 +231,13 @@ class Scaffnew(Algorithm):
             h = self._hvec(c)
             gen = torch_rng(self.ctx.seed, "local-codec", t, c)
             batches = client_batches(int(yd.shape[0]), local, sd)
-            loss_sum = 0.0
+            loss_sum, done = 0.0, 0
             for b in batches:
-                q = mc.decode(mc.encode(x, rng=gen)).requires_grad_(True)  # C(x_i)
+                try:
+                    q = mc.decode(mc.encode(x, rng=gen)).requires_grad_(True)  # C(x_i)
+                except EncodeError:  # the iterate diverged (NaN/Inf or beyond the codec's range):
+                    x.fill_(float("nan"))  # send a non-finite delta, which the loop rejects
+                    break
                 logits = torch.func.functional_call(model, layout.unflatten(q), (xd[b],))
                 loss = F.cross_entropy(logits, yd[b])
                 (g,) = torch.autograd.grad(loss, q)
@@ -202,12 +245,13 @@ class Scaffnew(Algorithm):
                     g = g + local.weight_decay * q.detach()
                 x.sub_(self.gamma * (g - h))  # x̂_i = x_i − γ (g_i(C(x_i)) − h_i)
                 loss_sum += float(loss.detach())
+                done += 1
             out.append(
                 LocalResult(
                     delta=layout.unflatten(x - start),
                     num_samples=int(yd.shape[0]),
-                    steps=len(batches),
-                    train_loss=loss_sum / len(batches) if batches else float("nan"),
+                    steps=done,
+                    train_loss=loss_sum / done if done else float("nan"),
                 )
             )
         return out
@@ -223,6 +267,21 @@ class Scaffnew(Algorithm):
         w = 1.0 if self.weights == "uniform" else float(num_samples)
         self._w[c] = w
         return w
+
+    def aggregate_payloads(
+        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+    ) -> torch.Tensor | None:
+        """With ``h_ref = "sent"``: each client replaces its kept x̂_i by u_i, the model rebuilt from
+        the bytes it sent (``C(x̂_i)``, or ``x_i + C(x̂_i − x_i)`` under ``compress = "delta"``).
+        Always returns None: the loop's weighted mean of the decoded payloads is x̄."""
+        if self.h_ref == "sent":
+            for c, payload in payloads.items():
+                sent = _decode_flat(payload, self.ctx.layout)  # the client decodes its own bytes
+                if self.compress == "delta":  # x_i + C(x̂_i − x_i); every client started from x_i
+                    assert self._base is not None
+                    sent = self._base + sent
+                self.xhat.set(c, sent)
+        return None
 
     def server_update(
         self,
@@ -294,6 +353,14 @@ class FedComLoc(Scaffnew):
             raise ConfigError(
                 "fedcomloc variant 'com' compresses the uplink: set compression.uplink (e.g. 'topk:10%')"
             )
+        if o["variant"] == "com" and o["h_ref"] == "local" and comp.uplink not in ("fp32", "raw"):
+            warnings.warn(
+                "fedcomloc 'com' with a lossy uplink and h_ref = 'local': the control-variate sum drifts by "
+                "the compression error every communication and Top-K / 4-bit runs diverged on MNIST; "
+                "set algorithm.options.h_ref = 'sent' (see docs/results/mnist_fedcomloc.md)",
+                UserWarning,
+                stacklevel=2,
+            )
         if o["variant"] == "global":
             if comp.downlink == "fp32":
                 raise ConfigError(
@@ -310,3 +377,13 @@ class FedComLoc(Scaffnew):
                 f"{cls.name}: error feedback is not part of FedComLoc; set compression.*_ef = 'none'"
             )
         return o
+
+
+def _decode_flat(payload: bytes, layout: ParamLayout) -> torch.Tensor:
+    """The flat float32 vector of a model container payload (``scope`` "tensor" or "model")."""
+    from fedsqueeze.channel import MODEL_FRAME
+
+    state = decode_state_dict(payload)
+    if list(state) == [MODEL_FRAME]:
+        return state[MODEL_FRAME].reshape(-1).to(torch.float32)
+    return layout.flatten(state)
