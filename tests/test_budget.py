@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -423,3 +424,41 @@ def test_template_spec_round_trip(spec: str, canonical: str) -> None:
 )
 def test_template_conformance_harness(spec: str) -> None:
     harness.run_spec_checks(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match", "absent"),
+    [
+        # the placeholder knob used while parsing never leaks into the message
+        ("budget:bits=1 > countsketch:rows=1", r"bad template 'countsketch:rows=1'.*needs k=", "987654321"),
+        # an alias carries its size without a ':'; the message still names the stage
+        ("budget:bits=1 > top-1% > fp8", r"no size on 'top-1%'", "without ''"),
+    ],
+)
+def test_template_error_messages_name_what_the_user_wrote(spec: str, match: str, absent: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        parse_spec(spec)
+    assert absent not in str(info.value)
+
+
+@pytest.mark.parametrize("tail", ["", " > m22:bits=2,M=2", " > uniform:2", " > countsketch:rows=1,k=10%"])
+def test_named_minimum_is_exact_and_never_over_budget(tail: str) -> None:
+    # small random updates (empty / 0-dim / int buffers included): the EncodeError names the
+    # minimum M; a budget of M fits, M - 1 does not, and no budget is ever exceeded
+    g = torch.Generator().manual_seed(7)
+    for case in range(4):
+        shapes: list[tuple[int, ...]] = [*[(), (0,), (3, 4), (25,)][case:], (5, 2)]
+        state = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+        state["steps"] = torch.tensor(case)
+        with pytest.raises(EncodeError) as info:
+            fedsqueeze.codecs.encode_state_dict(state, parse_spec(f"budget:bytes=18{tail}"))
+        found = re.search(r"(?:minimum is|\) is) (\d+) bytes", str(info.value))
+        assert found is not None, str(info.value)
+        least = int(found.group(1))
+        payload = fedsqueeze.codecs.encode_state_dict(state, parse_spec(f"budget:bytes={least}{tail}"))
+        assert len(payload) <= least
+        with pytest.raises(EncodeError):
+            fedsqueeze.codecs.encode_state_dict(state, parse_spec(f"budget:bytes={least - 1}{tail}"))
+        for extra in (1, 37, 500):
+            n = least + extra
+            assert len(fedsqueeze.codecs.encode_state_dict(state, parse_spec(f"budget:bytes={n}{tail}"))) <= n

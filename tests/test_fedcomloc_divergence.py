@@ -64,3 +64,40 @@ def test_local_variant_finite_run_unchanged(tmp_path: Path) -> None:
     for rec in res.metrics:
         assert rec["rejected_updates"] == 0
         assert rec["local_steps"] == 4 * rec["local_steps_per_client"]
+
+
+def test_local_codec_that_cannot_code_the_received_model_is_an_error_not_divergence(
+    tmp_path: Path,
+) -> None:
+    # a budget below the local codec's minimum fails on the (finite) received model itself, before
+    # any local step: that is a configuration problem and must not be reported as "training diverged"
+    from fedsqueeze.errors import EncodeError
+
+    with pytest.raises(EncodeError, match="cannot hold"):
+        run(_cfg(0.05, "budget:bytes=40 > uniform:4"), tmp_path / "b", plots=False)
+
+
+def test_a_rejected_nan_client_recovers_next_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # client 0's update is NaN in round 1 only: it is rejected then, and from round 2 on it trains
+    # from the received model with its old h_i (its NaN x̂_i is discarded, not folded into h_i)
+    import fedsqueeze.sim.local as local
+
+    real = local.train_clients
+    calls = {"n": 0}
+
+    def poisoned(*args: object, **kwargs: object) -> list:
+        results = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            first = next(iter(results[0].delta))
+            results[0].delta[first] = results[0].delta[first] * float("nan")
+        return results
+
+    monkeypatch.setattr(local, "train_clients", poisoned)
+    raw = _cfg(0.05).to_dict()
+    raw["algorithm"] = {"name": "scaffnew", "options": {"p": 0.3}}
+    raw["rounds"] = 4
+    res = run(config_from_dict(raw), tmp_path / "n", plots=False)
+    assert res.status == "completed"
+    assert [r["rejected_updates"] for r in res.metrics] == [1, 0, 0, 0]
+    assert all(r["h_weighted_sum_norm"] == r["h_weighted_sum_norm"] for r in res.metrics)  # never NaN

@@ -68,7 +68,9 @@ Pitfalls honoured: the coin is shared; h_i start at 0; rounds ≠ local steps (b
 partial participation is not part of Scaffnew (``clients.per_round`` must equal
 ``data.num_clients``); ``clients.momentum`` must be 0 and ``server.lr``/``server.momentum`` keep
 their defaults (the averaging is the prox step). ``clients.epochs``/``max_steps`` are ignored (K
-replaces them). Dropped or straggling clients (network model) break Σ w_i h_i = 0; avoid them.
+replaces them). Dropped or straggling clients (network model) break Σ w_i h_i = 0; avoid them. A
+client whose update was non-finite (rejected by the loop) keeps its h_i and restarts from the model
+it receives next round (its x̂_i is discarded), so one bad round does not poison it for good.
 """
 
 from __future__ import annotations
@@ -193,6 +195,10 @@ class Scaffnew(Algorithm):
 
     def client_start(self, c: int, t: int, broadcast: torch.Tensor) -> torch.Tensor:
         xhat = self.xhat.get(c)
+        if xhat is not None and not bool(torch.isfinite(xhat).all()):
+            # its last update was non-finite and rejected: keep h_i, restart from the model received
+            self.xhat.discard(c)
+            xhat = None
         if xhat is not None:  # the h update of the previous communication, with the model received
             # xhat: x̂_i (h_ref "local") or u_i, the model the server rebuilt from its bytes ("sent")
             self.h.set(c, self._hvec(c) + (self.p / self.gamma) * (broadcast - xhat))
@@ -236,6 +242,8 @@ class Scaffnew(Algorithm):
                 try:
                     q = mc.decode(mc.encode(x, rng=gen)).requires_grad_(True)  # C(x_i)
                 except EncodeError:  # the iterate diverged (NaN/Inf or beyond the codec's range):
+                    if done == 0:  # x is still the received model: a codec/config problem (e.g. a
+                        raise  # budget below the codec's minimum), not this client's divergence
                     x.fill_(float("nan"))  # send a non-finite delta, which the loop rejects
                     break
                 logits = torch.func.functional_call(model, layout.unflatten(q), (xd[b],))

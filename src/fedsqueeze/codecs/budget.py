@@ -663,7 +663,12 @@ class _Template:
                     f"budget: chooses {name}'s {knob} itself; drop {(pos or given)[0]!r} from {stages[0]!r}"
                 )
             args = "".join(f",{k}={v}" for k, v in kw.items())
-            probe = parse_spec(f"{name}:{knob}={_SENTINEL}{args}")
+            try:
+                probe = parse_spec(f"{name}:{knob}={_SENTINEL}{args}")
+            except ConfigError as exc:  # name the template, not the placeholder knob
+                raise ConfigError(
+                    f"budget: bad template {stages[0]!r}: " + str(exc).replace(f"{knob}={_SENTINEL},", "")
+                ) from None
             canon = probe.spec
             mark = f"{knob}={_SENTINEL}"
             if canon.count(mark) != 1:  # pragma: no cover - the codec's spec format changed
@@ -677,8 +682,7 @@ class _Template:
             if pos or kw:
                 bare = " > ".join(["topk", *stages[1:]])
                 raise ConfigError(
-                    f"budget: chooses Top-K's k itself; write {bare!r} without "
-                    f"{stages[0].partition(':')[2]!r}"
+                    f"budget: chooses Top-K's k itself; write {bare!r} (no size on {stages[0]!r})"
                 )
             rest = stages[1:]
         values = parse_spec(" > ".join(rest)) if rest else parse_spec("fp32")
