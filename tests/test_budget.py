@@ -386,9 +386,14 @@ def test_uplink_channel_with_ef_stays_within_budget() -> None:
         ("budget:bits=1 > m22:10%,bits=2", "chooses m22's k"),
         ("budget:bits=1 > m22:k=5", "chooses m22's k"),
         ("budget:bits=1 > countsketch:cols=100,k=1%", "chooses countsketch's cols"),
-        ("budget:bits=1 > m22:bits=2 > zstd", "nothing may follow"),
+        ("budget:bits=1 > m22:bits=2 > zstd", "nothing but 'ans' may follow"),
         ("budget:bits=1 > uniform:4 > zstd", "lossless stage"),
-        ("budget:bits=1 > uniform:4 > ans", "lossless stage"),
+        ("budget:bits=1 > uniform:4 > ans > ans", "lossless stage"),
+        ("budget:bits=1 > uniform:4 > ans:x=1", "takes no arguments"),
+        ("budget:bits=1 > fp8 > ans", "cannot entropy-code the template 'fp8:e4m3'"),
+        ("budget:bits=1 > topk > ans", "cannot entropy-code the template 'fp32'"),
+        ("budget:bits=1 > countsketch:rows=1,k=1% > ans", "cannot entropy-code"),
+        ("budget:bits=1 > qsgd:s=3,coding=elias > ans", "cannot entropy-code.*elias"),
         ("budget:bits=1 > randk:10%", "sparsifier stage"),
         ("budget:bits=1,max_bits=4 > uniform:4", "max_bits"),
         ("budget:bits=1 > uniform:40", "uniform"),
@@ -441,7 +446,10 @@ def test_template_error_messages_name_what_the_user_wrote(spec: str, match: str,
     assert absent not in str(info.value)
 
 
-@pytest.mark.parametrize("tail", ["", " > m22:bits=2,M=2", " > uniform:2", " > countsketch:rows=1,k=10%"])
+@pytest.mark.parametrize(
+    "tail",
+    ["", " > m22:bits=2,M=2", " > uniform:2", " > countsketch:rows=1,k=10%", " > m22:bits=2,M=2 > ans"],
+)
 def test_named_minimum_is_exact_and_never_over_budget(tail: str) -> None:
     # small random updates (empty / 0-dim / int buffers included): the EncodeError names the
     # minimum M; a budget of M fits, M - 1 does not, and no budget is ever exceeded
@@ -462,3 +470,155 @@ def test_named_minimum_is_exact_and_never_over_budget(tail: str) -> None:
         for extra in (1, 37, 500):
             n = least + extra
             assert len(fedsqueeze.codecs.encode_state_dict(state, parse_spec(f"budget:bytes={n}{tail}"))) <= n
+
+
+# ---------------------------------------------------------------------------- template + ans
+#: entropy-coded templates (the 0.6 d sweep's value coders, and one more width each)
+ANS_TEMPLATES = [
+    "m22:bits=3,M=2",
+    "m22:bits=3,M=0",
+    "weibull_lloyd:2",
+    "weibull_lloyd:3",
+    "uniform:4",
+    "tinyscript:4",
+]
+
+
+def _plain_at(template: str, state: dict[str, torch.Tensor], knob: int, rng: torch.Generator) -> bytes:
+    """The plain template's container at a given global knob."""
+    from fedsqueeze.codecs.budget import _Template, _TemplateSearch
+
+    floats = {n: t for n, t in state.items() if t.is_floating_point()}
+    return _TemplateSearch(_Template.parse(template), floats, state).build(knob, rng)[0]
+
+
+@pytest.mark.parametrize("bits", [0.6, 1.8])
+@pytest.mark.parametrize("template", ANS_TEMPLATES)
+def test_entropy_coded_template_fits_and_keeps_more(template: str, bits: float) -> None:
+    """``budget:bits=R > T > ans`` on a heavy-tailed update: the real coded container is within the
+    budget, one more kept entry is not, every frame is an ``ans`` frame whose inner payload is the
+    plain template's (so it decodes to exactly the plain template at the same K), and the entropy
+    coder buys more kept entries than the plain template at the same budget."""
+    from fedsqueeze.codecs.budget import _Template, _TemplateSearch
+    from fedsqueeze.codecs.entropy import inner_payload
+
+    state = _cnn_update()
+    policy = parse_spec(f"budget:bits={bits} > {template} > ans")
+    assert isinstance(policy, Budget) and policy.template is not None and policy.template.ans
+    budget = math.floor(bits * _d(state) / 8)
+    fit = policy.fit_update(state, rng=gen(1))
+    assert fit.budget_nbytes == budget and fit.nbytes == len(fit.payload) <= budget
+    floats = {n: t for n, t in state.items() if t.is_floating_point()}
+    search = _TemplateSearch(policy.template, floats, state)
+    if fit.knob < search.kmax:  # the largest K: one more does not fit
+        assert len(search.build(fit.knob + 1, gen(1))[0]) > budget
+    # more entries than the plain template at the same bytes (the law is peaked: Student-t, nu = 3)
+    plain = parse_spec(f"budget:bits={bits} > {template}").fit_update(state, rng=gen(1))  # type: ignore[attr-defined]
+    assert fit.knob > plain.knob, (fit.knob, plain.knob)
+    if template.startswith("m22"):
+        assert fit.knob >= 1.1 * plain.knob
+    # decode equality: the coded container decodes exactly as the plain template at the same K
+    back = fedsqueeze.decode_state_dict(fit.payload)
+    same_k = fedsqueeze.decode_state_dict(_plain_at(template, state, fit.knob, gen(1)))
+    assert list(back) == list(state) and torch.equal(back["steps"], state["steps"])
+    for name, t in floats.items():
+        assert back[name].shape == t.shape and torch.equal(back[name], same_k[name])
+    frames = decode_container(fit.payload)
+    plain_frames = decode_container(_plain_at(template, state, fit.knob, gen(1)))
+    for name, t in floats.items():
+        assert inspect(frames[name]).codec_id == Ans.codec_id
+        assert fit.specs[name].endswith(" > ans")
+        assert inner_payload(frames[name]) == bytes(plain_frames[name])
+        if not policy.stochastic:
+            assert bytes(frames[name]) == parse_spec(fit.specs[name]).encode(t)
+    assert _Template.parse(template).spec_for(3) + " > ans" == policy.template.spec_for(3)
+
+
+@pytest.mark.parametrize("template", ["m22:bits=3,M=2", "tinyscript:4", "uniform:4"])
+def test_entropy_coded_template_is_deterministic(template: str) -> None:
+    from fedsqueeze.codecs.budget import _TemplateSearch
+
+    state = _cnn_update()
+    policy = parse_spec(f"budget:bits=0.6 > {template} > ans")
+    a = policy.fit_update(state, rng=gen(9))  # type: ignore[attr-defined]
+    b = policy.fit_update(state, rng=gen(9))  # type: ignore[attr-defined]
+    assert a == b
+    g1 = gen(9)
+    assert fedsqueeze.encode_state_dict(state, policy, rng=g1) == a.payload  # what channels send
+    # the caller's generator advances as for one encode at that K (not once per size probe)
+    floats = {n: t for n, t in state.items() if t.is_floating_point()}
+    _, g2 = _TemplateSearch(policy.template, floats, state).build(a.knob, gen(9))  # type: ignore[attr-defined]
+    assert g2 is not None and torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    # one tensor: the frame is reproduced by its spec
+    x = torch.distributions.StudentT(3.0).sample((5000,))
+    fit = parse_spec(f"budget:bytes=600 > {template} > ans").fit(x, rng=gen(3))  # type: ignore[attr-defined]
+    assert fit.nbytes <= 600
+    assert parse_spec(fit.specs[""]).encode(x, rng=gen(3)) == fit.payload
+
+
+def test_entropy_coded_m22_keeps_more_on_a_peaked_law() -> None:
+    """One GenNorm(beta = 0.7) tensor, M22's M = 2 (codes skewed towards the inner cells)."""
+    import numpy as np
+    from scipy import stats
+
+    x = torch.from_numpy(stats.gennorm.rvs(0.7, size=40_000, random_state=np.random.default_rng(0)))
+    x = x.float()
+    for bits in (0.6, 1.8):
+        plain = parse_spec(f"budget:bits={bits} > m22:bits=3,M=2").fit(x)  # type: ignore[attr-defined]
+        coded = parse_spec(f"budget:bits={bits} > m22:bits=3,M=2 > ans").fit(x)  # type: ignore[attr-defined]
+        assert plain.nbytes <= plain.budget_nbytes and coded.nbytes <= coded.budget_nbytes
+        assert coded.knob >= 1.1 * plain.knob, (bits, coded.knob, plain.knob)
+
+
+@pytest.mark.parametrize("template", ANS_TEMPLATES)
+def test_entropy_coded_template_budget_too_small(template: str) -> None:
+    state = _cnn_update()
+    policy = parse_spec(f"budget:bytes=300 > {template} > ans")
+    with pytest.raises(EncodeError, match=r"300 bytes cannot hold .* entropy-coded\) is \d+ bytes"):
+        policy.encode_update(state)  # type: ignore[attr-defined]
+    x = torch.randn(1000, generator=gen(4))
+    minimum = parse_spec(f"budget:bytes=20 > {template} > ans").min_nbytes(x)  # type: ignore[attr-defined]
+    with pytest.raises(EncodeError, match=f"smallest payload .* is {minimum} bytes"):
+        parse_spec(f"budget:bytes={minimum - 1} > {template} > ans").encode(x)
+    assert len(parse_spec(f"budget:bytes={minimum} > {template} > ans").encode(x, rng=gen(5))) <= minimum
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("budget:bits=0.6 > m22:bits=3,M=2 > ans", "budget:bits=0.6 > m22:bits=3,M=2,law=gennorm > ans"),
+        ("budget:bits=0.6 > topk > uniform:2 > ans", "budget:bits=0.6 > uniform:2 > ans"),
+        ("budget:bytes=900 > weibull_lloyd:3 > ANS", "budget:bytes=900 > weibull_lloyd:3 > ans"),
+    ],
+)
+def test_entropy_coded_template_spec_round_trip(spec: str, canonical: str) -> None:
+    c = parse_spec(spec)
+    assert isinstance(c, Budget) and not c.ans  # ``ans`` (the built-in search's flag) stays off
+    assert c.spec == canonical and parse_spec(c.spec).spec == canonical
+    # the same policy built in code, or by adding the stage to a plain template
+    plain = canonical.removesuffix(" > ans").split(" > ", 1)
+    kwargs = {"bits_per_entry": 0.6} if "bits=" in plain[0] else {"nbytes": 900}
+    assert Budget(**kwargs, template=plain[1], ans=True).spec == canonical  # type: ignore[arg-type]
+    assert parse_spec(" > ".join(plain)).with_ans().spec == canonical  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="already entropy-coded"):
+        c.with_ans()
+
+
+def test_entropy_coded_template_through_uplink_channel() -> None:
+    from fedsqueeze.channel import ParamLayout, UplinkChannel
+
+    state = {n: t for n, t in _cnn_update().items() if t.is_floating_point()}
+    layout = ParamLayout.from_state(state)
+    budget = math.floor(0.6 * layout.numel / 8)
+    ch = UplinkChannel("budget:bits=0.6 > m22:bits=3,M=2 > ans", layout, ef="ef14")
+    delta = layout.flatten(state)
+    for _ in range(3):
+        dl = ch.send(0, delta, rng=gen(6))
+        assert budget * 0.99 <= dl.nbytes <= budget
+
+
+@pytest.mark.parametrize(
+    "spec", harness.extra(["budget:bytes=256 > m22:bits=2,M=2 > ans", "budget:bytes=300 > uniform:3 > ans"])
+)
+def test_entropy_coded_template_conformance_harness(spec: str) -> None:
+    harness.run_spec_checks(spec)
