@@ -107,7 +107,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,18 @@ from fedsqueeze.wire.frame import FrameHeader, build_frame, header_size, inspect
 #: The smallest payload of any tensor: a scalar's frame header.
 MIN_BUDGET_NBYTES = header_size(0)
 _REL_TOL = 1.0 / 256  # binary search stops within this fraction of the largest fitting k
+
+
+def _last_fit(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """Bisection: the largest ``k`` in ``[lo, hi)`` with ``fits(k)``, given ``fits(lo)`` and not
+    ``fits(hi)`` (sizes grow with ``k``)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass(frozen=True)
@@ -919,13 +931,7 @@ class _TemplateSearch:
                     hi, step = nxt, 2 * step
         if hi is None:
             hi = top + 1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if size(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return _last_fit(lo, hi, lambda k: size(k) <= budget)
 
     def _guess(self, budget: int, p0: int) -> int:
         """Secant steps on the predicted size from ``kmin`` (sizes are nearly linear in the knob)."""
@@ -1027,12 +1033,7 @@ class _TemplateSearch:
         while lo + step < hi and real(lo + step) <= budget:  # gallop up from the last fit
             lo, step = lo + step, 2 * step
         hi = min(hi, lo + step)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if real(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid
+        lo = _last_fit(lo, hi, lambda k: real(k) <= budget)
         payload, g = built[lo]
         return self._result(lo, payload, g, budget, rng)
 
