@@ -307,11 +307,11 @@ def test_end_to_end_ef21_topk_reaches_the_optimum_with_topk_bytes(
     seen: list[dict[int, int]] = []
     orig = EF21.aggregate_payloads
 
-    def spy(self: EF21, payloads: Any, weights: Any) -> Any:
+    def spy(self: EF21, payloads: Any, weights: Any, **kw: Any) -> Any:
         seen.append({c: len(p) for c, p in payloads.items()})
         for p in payloads.values():  # every tensor of every message is a Top-K frame
             assert {inspect(f).codec_id for f in decode_container(p).values()} == {TopK.codec_id}
-        return orig(self, payloads, weights)
+        return orig(self, payloads, weights, **kw)
 
     monkeypatch.setattr(EF21, "aggregate_payloads", spy)
     c = conf(checkpoint={"every": 60})

@@ -171,15 +171,20 @@ class Algorithm:
         return float(num_samples)
 
     def aggregate_payloads(
-        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+        self,
+        payloads: Mapping[int, bytes],
+        weights: Mapping[int, float],
+        *,
+        denominator: float | None = None,
     ) -> torch.Tensor | None:
         """Aggregate the accepted clients' uplink payload *bytes* without the loop's aggregator.
 
         ``payloads[c]`` is exactly what client ``c`` sent (its bytes are counted as usual) and
-        ``weights[c]`` its :meth:`client_weight` (times the Horvitz-Thompson factor under
-        ``clients.sampling = "importance"`` with the ``mean`` aggregator: an algorithm that uses the
-        weights must then refuse importance sampling or divide by the cohort's fixed denominator,
-        which this hook does not receive). Return a tensor to use it as ``agg`` in
+        ``weights[c]`` its :meth:`client_weight`. Under ``clients.sampling = "importance"`` with the
+        ``mean`` aggregator the weights include the Horvitz-Thompson factor and ``denominator`` is the
+        cohort's *fixed* denominator: an algorithm that uses the weights must then return
+        ``Σ_c w_c u_c / denominator`` (not ``/ Σ_c w_c``, which is biased); otherwise it is None.
+        Return a tensor to use it as ``agg`` in
         :meth:`server_update` (its meaning and shape are the algorithm's: FetchSGD returns the summed
         sketch tables); return None (the default) for the aggregator on the decoded updates.
         """

@@ -347,7 +347,11 @@ class EF21(Algorithm):
         return 1.0  # unused by the server step (plain 1/n); reported as the loop's weight
 
     def aggregate_payloads(
-        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+        self,
+        payloads: Mapping[int, bytes],
+        weights: Mapping[int, float],
+        *,
+        denominator: float | None = None,
     ) -> torch.Tensor | None:
         """Decode every accepted message ``c_i`` once; return ``(1/n) Σ_{i∈S} c_i`` (weights unused)."""
         total = torch.zeros(self.ctx.layout.numel)

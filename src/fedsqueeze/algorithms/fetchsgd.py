@@ -16,8 +16,11 @@ Clients are stateless: client ``i`` sends the CountSketch ``S(u_i)`` of its whol
 
 ``u_i`` already carries the client step (``y_i − x = −η_l Σ g``), hence ``x + Δ`` where the paper
 writes ``w − Δ`` for gradients. ``w_i`` are the loop's client weights (sample counts); the paper's
-``1/W`` is the equal-weight case. The cohort comes from ``clients.sampling`` = ``uniform`` or
-``cyclic`` (``importance`` is a ConfigError: its unbiased estimate needs a fixed denominator).
+``1/W`` is the equal-weight case. The cohort comes from ``clients.sampling`` = ``uniform``,
+``cyclic`` or ``importance`` with ``by = "size"``: then ``w_i`` carry the Horvitz-Thompson factors and
+the tables are summed over the cohort's *fixed* denominator D, ``S = Σ_i w_i S(u_i) / D``, the
+sketch of the unbiased estimate of the full-participation mean (``by = "norm"`` needs each client's
+decoded update norm, which FetchSGD never computes: a ConfigError).
 Dropped, straggling and NaN clients are absent from S (the mean is over the accepted clients); a
 round with none leaves ``x``, ``S_u`` and ``S_e`` unchanged.
 
@@ -60,6 +63,7 @@ moves only ``k`` coordinates a round and per-client decoding can do better at eq
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -201,12 +205,6 @@ class FetchSGD(Algorithm):
                 "fetchsgd cannot use privacy.mode = 'central': central DP clips each decoded update and "
                 "fetchsgd never decodes client updates; use privacy.mode = 'local' or 'none'"
             )
-        if cfg.clients.sampling == "importance":
-            raise ConfigError(
-                "fetchsgd normalises the summed tables by the cohort's weights (Σ w_i S_i / Σ w_i); "
-                "clients.sampling = 'importance' needs the Horvitz-Thompson sum over a fixed denominator "
-                "to stay unbiased, which this aggregate does not take; use 'uniform' or 'cyclic'"
-            )
         return o
 
     @classmethod
@@ -219,17 +217,27 @@ class FetchSGD(Algorithm):
 
     # ------------------------------------------------------------------ server
     def aggregate_payloads(
-        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+        self,
+        payloads: Mapping[int, bytes],
+        weights: Mapping[int, float],
+        *,
+        denominator: float | None = None,
     ) -> torch.Tensor | None:
-        """``S = Σ_i w_i S_i / Σ_i w_i`` over the clients' tables, in float64, rounded once to
-        float32; no client is unsketched. A payload whose frame, table shape, ``d`` or hash seed
-        differs from the configured spec raises :class:`DecodeError`."""
+        """``S = Σ_i w_i S_i / Σ_i w_i`` over the clients' tables (``/ denominator`` instead when the
+        loop gives the importance sampler's fixed one), in float64, rounded once to float32; no
+        client is unsketched. A payload whose frame, table shape, ``d`` or hash seed differs from the
+        configured spec raises :class:`DecodeError`."""
         if not payloads:
             raise ValueError("fetchsgd: no payloads to aggregate")
         w = np.array([float(weights[c]) for c in payloads], np.float64)
         if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
             raise ValueError(f"fetchsgd: client weights must be finite, >= 0 and not all 0, got {w}")
-        w /= w.sum()
+        if denominator is None:
+            w /= w.sum()
+        elif math.isfinite(denominator) and denominator > 0:
+            w /= float(denominator)
+        else:
+            raise ValueError(f"fetchsgd: denominator must be finite and > 0, got {denominator}")
         total = np.zeros((self.rows, self.cols), np.float64)
         for wi, (c, raw) in zip(w, payloads.items(), strict=True):
             frames = decode_container(raw)

@@ -373,7 +373,11 @@ class LoCoDL(Algorithm):
         return 1.0  # LoCoDL averages uniformly
 
     def aggregate_payloads(
-        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+        self,
+        payloads: Mapping[int, bytes],
+        weights: Mapping[int, float],
+        *,
+        denominator: float | None = None,
     ) -> torch.Tensor | None:
         """d̄ from the accepted clients' payload bytes; also each client's ``u_i −= step · d_i``
         (the ``d_i`` it decodes from its own bytes; the ``+ step · d̄`` half is in server_update)."""

@@ -277,7 +277,11 @@ class Scaffnew(Algorithm):
         return w
 
     def aggregate_payloads(
-        self, payloads: Mapping[int, bytes], weights: Mapping[int, float]
+        self,
+        payloads: Mapping[int, bytes],
+        weights: Mapping[int, float],
+        *,
+        denominator: float | None = None,
     ) -> torch.Tensor | None:
         """With ``h_ref = "sent"``: each client replaces its kept x̂_i by u_i, the model rebuilt from
         the bytes it sent (``C(x̂_i)``, or ``x_i + C(x̂_i − x_i)`` under ``compress = "delta"``).

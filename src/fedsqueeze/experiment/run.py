@@ -498,7 +498,9 @@ def _one_round(
                 s.sampler.observe(c, float(decoded[c].norm()))
     skipped = ""
     if accepted:
-        agg = algo.aggregate_payloads({c: payloads[c] for c in accepted}, {c: weights[c] for c in accepted})
+        agg = algo.aggregate_payloads(
+            {c: payloads[c] for c in accepted}, {c: weights[c] for c in accepted}, denominator=denominator
+        )
         if agg is None and not algo.decodes_uplink:
             raise FedSqueezeError(f"{algo.name}: decodes_uplink is False but aggregate_payloads gave None")
         ups = [decoded[c] for c in accepted] if agg is None else []
