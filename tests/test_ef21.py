@@ -223,6 +223,118 @@ def test_theory_stepsize_from_config(tmp_path: Path) -> None:
     assert s.algo.stepsize == pytest.approx(0.25)  # type: ignore[attr-defined]
 
 
+def _lyapunov_pp_ratio(alpha: float, q_min: float, q_max: float, s: float, rho: float) -> tuple[float, float]:
+    """(θ_p, β_p) of the direct EF21-PP Lyapunov recursion ``E G⁺ ≤ (1−θ_p) G + β_p L̃² ‖Δx‖²``: a
+    participating client contracts by Young with s (θ = 1 − (1−α)(1+s), β = (1−α)(1+1/s)), an
+    absent one keeps g_i and grows by Young with ρ ((1+ρ), (1+1/ρ)); average over participation."""
+    theta = 1 - (1 - alpha) * (1 + s)
+    beta = (1 - alpha) * (1 + 1 / s)
+    t_p = q_min * (theta + rho) - rho  # worst client: the least likely to take part
+    b_p = max(q * beta + (1 - q) * (1 + 1 / rho) for q in (q_min, q_max))  # linear in q
+    return t_p, b_p
+
+
+def _best_lyapunov_step(L: float, L_tilde: float, alpha: float, q_min: float, q_max: float) -> float:
+    """EF21's step ``1/(L + L̃ sqrt(β_p/θ_p))`` with (s, ρ) optimised numerically (log grid + Brent)."""
+    from scipy.optimize import minimize_scalar
+
+    s_max = alpha / (1 - alpha)
+
+    def best_for_s(s: float) -> float:  # max over ρ of θ_p/β_p (θ_p > 0 needs ρ < q θ / (1 − q))
+        theta = 1 - (1 - alpha) * (1 + s)
+        r_max = q_min * theta / (1 - q_min)
+
+        def neg(lr: float) -> float:
+            t_p, b_p = _lyapunov_pp_ratio(alpha, q_min, q_max, s, math.exp(lr))
+            return -t_p / b_p
+
+        r = minimize_scalar(
+            neg,
+            bounds=(math.log(r_max) - 25, math.log(r_max) - 1e-12),
+            method="bounded",
+            options={"xatol": 1e-11},
+        )
+        return -float(r.fun)
+
+    r = minimize_scalar(
+        lambda ls: -best_for_s(math.exp(ls)),
+        bounds=(math.log(s_max) - 25, math.log(s_max) - 1e-12),
+        method="bounded",
+        options={"xatol": 1e-11},
+    )
+    return 1 / (L + L_tilde / math.sqrt(-float(r.fun)))
+
+
+@pytest.mark.parametrize(
+    "alpha,q_min,q_max",
+    [(0.1, 0.4, 0.4), (0.5, 0.9, 0.9), (0.01, 0.05, 0.05), (0.1, 0.2, 0.6), (0.3, 0.5, 1.0)],
+)
+def test_pp_theory_step_is_the_optimised_lyapunov_bound(alpha: float, q_min: float, q_max: float) -> None:
+    """The PP rule ``theory_stepsize(L, L̃, q_min α)`` (EF21 with the composite compressor "C with
+    probability q, else 0") equals the best step of a direct Lyapunov argument for EF21-PP."""
+    direct = _best_lyapunov_step(2.0, 3.0, alpha, q_min, q_max)
+    assert direct == pytest.approx(theory_stepsize(2.0, 3.0, q_min * alpha), rel=1e-5)
+    assert direct < theory_stepsize(2.0, 3.0, alpha)  # partial participation: a smaller step
+
+
+def test_pp_theory_step_in_the_loop(tmp_path: Path) -> None:
+    base = {"stepsize": "theory", "L": 2.0}
+    s = _Setup(conf(base, clients={"per_round": 4}), tmp_path / "pp")  # q = 4/10 for every client
+    assert isinstance(s.algo, EF21) and s.algo.participation == pytest.approx(0.4)
+    assert s.algo.stepsize == pytest.approx(theory_stepsize(2.0, 2.0, 0.1 * 0.4))
+    assert s.algo.round_metrics()["ef21_participation"] == pytest.approx(0.4)
+    # 10% dropouts on every link: q = 0.4 * 0.9
+    s = _Setup(conf(base, clients={"per_round": 4}, network={"profile": "4g:drop=0.1"}), tmp_path / "drop")
+    assert s.algo.stepsize == pytest.approx(theory_stepsize(2.0, 2.0, 0.1 * 0.36))  # type: ignore[attr-defined]
+    # importance sampling by size: the smallest inclusion probability
+    s = _Setup(conf(base, clients={"per_round": 4, "sampling": "importance"}), tmp_path / "is")
+    q = s.sampler.static_inclusion()
+    assert q is not None and 0 < q.min() < 0.4 < q.max()
+    assert s.algo.stepsize == pytest.approx(theory_stepsize(2.0, 2.0, 0.1 * float(q.min())))  # type: ignore[attr-defined]
+    # full participation: EF21's own rule, unchanged
+    s = _Setup(conf(base), tmp_path / "full")
+    assert s.algo.stepsize == pytest.approx(theory_stepsize(2.0, 2.0, 0.1))  # type: ignore[attr-defined]
+    # the given participation overrides the sampler (here: a cyclic schedule has none)
+    c = conf(
+        {**base, "participation": 0.25},
+        clients={"per_round": 5, "sampling": "cyclic", "sampling_options": {"groups": 2}},
+    )
+    s = _Setup(c, tmp_path / "cyc")
+    assert s.algo.stepsize == pytest.approx(theory_stepsize(2.0, 2.0, 0.1 * 0.25))  # type: ignore[attr-defined]
+
+
+def test_pp_theory_step_meets_the_ef21_theorem_bound_under_partial_participation() -> None:
+    """EF21's Theorem 1 with α_pp = q α (4 of 10 clients, Top-K 10%): over T rounds
+    ``(1/T) Σ_t ‖∇f(x^t)‖² ≤ 2 (f(x⁰) − f*) / (γ T) + G⁰ / (θ T)``, θ = 1 − sqrt(1 − α_pp),
+    G⁰ ≤ (1/n) Σ_i ‖∇f_i(x⁰)‖² (g_i start at 0 or at C(∇f_i(x⁰))). The full-participation
+    step would be ~2x larger, outside what the theorem covers under PP."""
+    prob = LeastSquares()
+    hess = sum(a.T @ a for a in prob.A) / (M * N)
+    L = float(torch.linalg.eigvalsh(hess).max())
+    L_tilde = math.sqrt(sum(float(torch.linalg.eigvalsh(a.T @ a / M).max()) ** 2 for a in prob.A) / N)
+    alpha_pp = 0.1 * 0.4
+    step = theory_stepsize(L, L_tilde, alpha_pp)
+    assert theory_stepsize(L, L_tilde, 0.1) > 1.8 * step
+
+    def f(x: torch.Tensor) -> float:
+        return float(sum(((a @ x.double() - b) ** 2).sum() for a, b in zip(prob.A, prob.b, strict=True))) / (
+            2 * M * N
+        )
+
+    x0 = torch.zeros(D)
+    T = 300
+    g0 = float(prob.grad(x0).norm())
+    ef, _, _, _ = drive_ef21(prob, stepsize=step, rounds=T, per_round=4)
+    avg_sq = (g0**2 + sum(v * v for v in ef[:-1])) / T  # ‖∇f(x^t)‖², t = 0 .. T-1
+    G0 = sum(float(prob.grad_i(i, x0).double().norm()) ** 2 for i in range(N)) / N
+    theta = 1 - math.sqrt(1 - alpha_pp)
+    bound = 2 * (f(x0) - f(prob.x_star)) / (step * T) + G0 / (theta * T)
+    # measured (seed 0): average 23.4 of a bound of 184.9; |grad| 0.235 of its start after 300 rounds
+    # (the theorem is conservative; the hand-tuned 0.15 of the test above converges far faster)
+    assert avg_sq <= bound, (avg_sq, bound)
+    assert ef[-1] < 0.6 * g0 and ef[-1] < ef[99], (ef[99] / g0, ef[-1] / g0)
+
+
 @pytest.mark.parametrize(
     "opts,extra,msg",
     [
@@ -256,6 +368,14 @@ def test_theory_stepsize_from_config(tmp_path: Path) -> None:
         ),
         ({"stepsize": 0.1, "L": 1.0}, {}, "only used with stepsize = 'theory'"),
         ({"stepsize": 0.1, "alpha": 0.5}, {}, "only used with stepsize = 'theory'"),
+        ({"stepsize": 0.1, "participation": 0.5}, {}, "only used with stepsize = 'theory'"),
+        ({"stepsize": "theory", "L": 1.0, "participation": 0.0}, {}, "participation must be > 0"),
+        (
+            {"stepsize": "theory", "L": 1.0},
+            {"clients": {"per_round": 5, "sampling": "cyclic", "sampling_options": {"groups": 2}}},
+            "needs a fixed probability",
+        ),
+        ({"stepsize": "theory", "L": 1.0}, {"network": {"deadline_s": 5.0}}, "stragglers"),
         ({"stepsize": 0.1, "gradient": "sgd"}, {}, "algorithm.options.gradient"),
         ({"stepsize": 0.1, "step": 0.1}, {}, "did you mean 'algorithm.options.stepsize'"),
         ({"stepsize": 0.1}, {"compression": {"uplink_ef": "ef21"}}, "compression.uplink_ef = 'none'"),

@@ -166,6 +166,13 @@ class Algorithm:
         number of local steps it took."""
         return ClientMessage(delta)
 
+    def bind_participation(self, accept_prob: Sequence[float] | None) -> None:
+        """Called once by the round loop before the first round: client ``c``'s probability that a
+        message of it is accepted in a round (sampler inclusion × (1 − network drop probability)),
+        or None when that is not a fixed probability (cyclic schedules, importance by norm, a
+        deadline). For algorithms whose theory needs it (EF21-PP's step size); default: ignored."""
+        return None
+
     def client_weight(self, c: int, num_samples: int) -> float:
         """Aggregation weight of client ``c`` (default: its sample count, as FedAvg)."""
         return float(num_samples)

@@ -70,9 +70,22 @@ fp32 values is applied per parameter tensor, so α = min over tensors of ``k_l /
 when it rounds exactly, e.g. ``topk:10%`` on the 60x10 + 10 logreg gives 60/600 = 1/10 = 0.1), or
 over the whole model with ``compression.uplink_scope = "model"`` (one global Top-K, α = k/d).
 Other codecs need ``alpha``. The rule is about ``1 / (L (1 + 2/α))`` and conservative (tune upward
-first). It is the full-participation bound; the EF21-PP analysis has its own, participation-dependent
-bound (not implemented): under PP take a smaller step (the tests use 0.3 with all 10 clients, 0.15
-with 4 of 10).
+first).
+
+*Under partial participation* ``"theory"`` uses ``α_pp = q_min · α``, where ``q_min`` is the smallest
+probability, over clients, that a client's message is accepted in a round: the sampler's inclusion
+probability (``m/n`` for ``uniform``; ``π_c`` for ``importance`` by size) times ``1 − drop_prob`` of
+its network link. Why (our derivation; the bound printed in the EF21-PP paper is not reproduced
+here): if client i takes part with probability q_i, independently of the past and of C, an absent
+client keeps ``g_i``, i.e. adds the message 0. So EF21-PP *is* EF21 with the per-client compressor
+``C_i'(v) = C(v)`` with probability q_i, else 0, and
+``E‖C_i'(v) − v‖² = q_i (1−α)‖v‖² + (1−q_i)‖v‖² = (1 − q_i α)‖v‖²``: a contraction with
+``α_i = q_i α``. EF21's Theorem 1 needs only this per-client contraction in expectation (the
+correlation between clients of one cohort does not enter it), so its step holds with
+``α = min_i q_i α``. (Optimising the two Young inequalities of a direct Lyapunov argument over
+their free parameters gives the same step numerically, which the tests check.) A cyclic schedule,
+importance sampling by norm or a deadline (stragglers) is not a fixed participation probability:
+give ``participation`` (q_min in (0, 1]) for those, or a number for ``stepsize``.
 
 **State.** One ``g_i`` per client that ever participated, in a :class:`VectorStore` named
 ``ef21_g`` (``compression.state_dtype``, on disk with ``compression.state_offload``), plus the
@@ -155,6 +168,7 @@ class EF21(Algorithm):
         "L": None,
         "L_tilde": None,
         "alpha": None,
+        "participation": None,
         "gradient": "full",
     }
 
@@ -167,7 +181,10 @@ class EF21(Algorithm):
         gradient: str = "full",
         alpha: float | None = None,
         scope: str = "tensor",
+        theory: tuple[float, float, float, float | None] | None = None,
     ) -> None:
+        """``theory = (L, L̃, α, participation)`` when ``stepsize`` came from ``"theory"``:
+        :meth:`bind_participation` then rescales it for partial participation."""
         if not (math.isfinite(stepsize) and stepsize > 0):
             raise ConfigError(f"ef21: stepsize must be a finite number > 0, got {stepsize!r}")
         if gradient not in ("full", "minibatch"):
@@ -178,6 +195,8 @@ class EF21(Algorithm):
         self.stepsize = float(stepsize)
         self.gradient = gradient
         self.alpha = alpha
+        self.theory = theory
+        self.participation: float | None = None  # q_min used by the theory step (None: full)
         # the loop's uplink wire layout (compression.uplink_scope): one frame per tensor or one in all
         self.mc = ModelCodec(codec, ctx.layout, scope=scope)
         self.gi = VectorStore("ef21_g", dtype=ctx.state_dtype, offload_dir=ctx.offload_dir)
@@ -202,6 +221,24 @@ class EF21(Algorithm):
                 )
             o["L"] = opt_float(o, "L", gt=0.0)
             o["L_tilde"] = o["L"] if o["L_tilde"] is None else opt_float(o, "L_tilde", gt=0.0)
+            if o["participation"] is not None:
+                o["participation"] = opt_float(o, "participation", gt=0.0, le=1.0)
+            elif cfg.clients_per_round() < cfg.data.num_clients and (
+                cfg.clients.sampling == "cyclic"
+                or (cfg.clients.sampling == "importance" and cfg.clients.sampling_options.get("by") == "norm")
+            ):
+                raise ConfigError(
+                    f"ef21: stepsize = 'theory' under partial participation needs a fixed probability of "
+                    f"taking part; clients.sampling = {cfg.clients.sampling!r} "
+                    f"{dict(cfg.clients.sampling_options)} has none: set algorithm.options.participation "
+                    "(the smallest per-round participation probability, in (0, 1]) or a number for stepsize"
+                )
+            elif cfg.network.deadline_s is not None:
+                raise ConfigError(
+                    "ef21: stepsize = 'theory' with network.deadline_s: stragglers make participation "
+                    "depend on link speeds, not a fixed probability; set algorithm.options.participation "
+                    "(in (0, 1]) or a number for stepsize"
+                )
             if o["alpha"] is not None:
                 o["alpha"] = opt_float(o, "alpha", gt=0.0, le=1.0)
             elif _alpha_rule(parse_spec(cfg.compression.uplink)) is None:
@@ -216,7 +253,7 @@ class EF21(Algorithm):
                     f"algorithm.options.stepsize must be a number > 0 or 'theory', got {step!r}"
                 )
             o["stepsize"] = opt_float(o, "stepsize", gt=0.0)
-            for key in ("L", "L_tilde", "alpha"):
+            for key in ("L", "L_tilde", "alpha", "participation"):
                 if o[key] is not None:
                     raise ConfigError(
                         f"algorithm.options.{key} is only used with stepsize = 'theory' "
@@ -273,12 +310,41 @@ class EF21(Algorithm):
                 wire = ModelCodec(cfg.compression.uplink, ctx.layout, scope=scope).wire
                 alpha = contraction_alpha(cfg.compression.uplink, [math.prod(s) for s in wire.shapes])
                 assert alpha is not None  # validate() checked that it can be derived
-            step = theory_stepsize(o["L"], o["L_tilde"], alpha)
+            theory = (o["L"], o["L_tilde"], alpha, o["participation"])
+            step = theory_stepsize(o["L"], o["L_tilde"], alpha)  # full participation; see bind_participation
         else:
-            step = o["stepsize"]
+            theory, step = None, o["stepsize"]
         return cls(
-            ctx, stepsize=step, codec=cfg.compression.uplink, gradient=o["gradient"], alpha=alpha, scope=scope
+            ctx,
+            stepsize=step,
+            codec=cfg.compression.uplink,
+            gradient=o["gradient"],
+            alpha=alpha,
+            scope=scope,
+            theory=theory,
         )
+
+    def bind_participation(self, accept_prob: Sequence[float] | None) -> None:
+        """With ``stepsize = "theory"``: γ from EF21's rule with ``α · q_min`` (module docstring)."""
+        if self.theory is None:
+            return
+        L, L_tilde, alpha, override = self.theory
+        if override is not None:
+            q_min = override
+        elif accept_prob is None:
+            raise ConfigError(
+                "ef21: stepsize = 'theory' needs a fixed per-round participation probability, which this "
+                "run's sampling/network does not have; set algorithm.options.participation"
+            )
+        else:
+            q_min = min(float(q) for q in accept_prob)
+            if not q_min > 0:
+                raise ConfigError(
+                    "ef21: some client can never take part (participation probability 0); the EF21-PP step "
+                    "size is undefined"
+                )
+        self.participation = min(1.0, q_min)
+        self.stepsize = theory_stepsize(L, L_tilde, alpha * self.participation)
 
     # --------------------------------------------------------------- hooks
     def plan_round(self, t: int, local: LocalTrainConfig) -> RoundPlan:
@@ -390,6 +456,7 @@ class EF21(Algorithm):
             "ef21_estimates_held": len(self.gi.clients()),
             "ef21_updated_clients": self._updated,
             "ef21_stepsize": self.stepsize,
+            **({} if self.participation is None else {"ef21_participation": self.participation}),
         }
 
     # --------------------------------------------------------------- state

@@ -182,6 +182,12 @@ class _Setup:
             sizes=sizes,
             weights=[self.algo.client_weight(i, n) for i, n in enumerate(sizes)],
         )
+        incl = self.sampler.static_inclusion()
+        if incl is None or cfg.network.deadline_s is not None:  # stragglers: not a fixed probability
+            self.algo.bind_participation(None)
+        else:
+            drop = [self.network.link(c).drop_prob for c in range(d.num_clients)]
+            self.algo.bind_participation([float(q) * (1.0 - p) for q, p in zip(incl, drop, strict=True)])
         # the unbiased (Horvitz-Thompson) reweighting applies to the plain weighted mean only;
         # robust aggregators get the plain weights (they ignore weights anyway)
         self.reweight = cfg.algorithm.aggregator == "mean" and self.central_dp is None

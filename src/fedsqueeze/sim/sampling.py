@@ -144,6 +144,12 @@ class ClientSampler(ABC):
         """The L2 norm of ``client``'s update the server aggregated (default: ignored)."""
         return None
 
+    def static_inclusion(self) -> npt.NDArray[np.float64] | None:
+        """Each client's probability of being drawn in any round, when it is the same every round
+        and the draws are random (what a convergence theorem's participation probability means);
+        None for deterministic schedules (cyclic) or probabilities that change (importance by norm)."""
+        return None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (keys under ``sampler/``; empty for stateless samplers)."""
         return {}
@@ -161,6 +167,9 @@ class UniformSampler(ClientSampler):
     def sample(self, t: int) -> Cohort:
         rng = np_rng(self.seed, "sample", t)
         return Cohort(sorted(int(c) for c in rng.choice(self.num_clients, self.per_round, replace=False)))
+
+    def static_inclusion(self) -> npt.NDArray[np.float64]:
+        return np.full(self.num_clients, self.per_round / self.num_clients)
 
 
 class CyclicSampler(ClientSampler):
@@ -286,6 +295,11 @@ class ImportanceSampler(ClientSampler):
         else:  # every score 0 (e.g. all known updates were zero): uniform
             base = np.full(self.num_clients, 1.0 / self.num_clients)
         return (1.0 - self.floor) * base + self.floor / self.num_clients
+
+    def static_inclusion(self) -> npt.NDArray[np.float64] | None:
+        if self.by != "size":
+            return None  # by norm: the probabilities follow the observed norms
+        return inclusion_probabilities(self.probabilities(), self.per_round)
 
     def sample(self, t: int) -> Cohort:
         pi = inclusion_probabilities(self.probabilities(), self.per_round)
