@@ -83,9 +83,10 @@ client keeps ``g_i``, i.e. adds the message 0. So EF21-PP *is* EF21 with the per
 ``α_i = q_i α``. EF21's Theorem 1 needs only this per-client contraction in expectation (the
 correlation between clients of one cohort does not enter it), so its step holds with
 ``α = min_i q_i α``. (Optimising the two Young inequalities of a direct Lyapunov argument over
-their free parameters gives the same step numerically, which the tests check.) A cyclic schedule,
-importance sampling by norm or a deadline (stragglers) is not a fixed participation probability:
-give ``participation`` (q_min in (0, 1]) for those, or a number for ``stepsize``.
+their free parameters gives the same step numerically, which the tests check.) A cyclic schedule
+or a deadline (stragglers) is not a fixed participation probability: give ``participation`` (q_min
+in (0, 1]) for those, or a number for ``stepsize``. (Importance sampling by norm is refused for EF21
+anyway: the server never decodes a client's update, so there are no norms to learn from.)
 
 **State.** One ``g_i`` per client that ever participated, in a :class:`VectorStore` named
 ``ef21_g`` (``compression.state_dtype``, on disk with ``compression.state_offload``), plus the
@@ -223,10 +224,7 @@ class EF21(Algorithm):
             o["L_tilde"] = o["L"] if o["L_tilde"] is None else opt_float(o, "L_tilde", gt=0.0)
             if o["participation"] is not None:
                 o["participation"] = opt_float(o, "participation", gt=0.0, le=1.0)
-            elif cfg.clients_per_round() < cfg.data.num_clients and (
-                cfg.clients.sampling == "cyclic"
-                or (cfg.clients.sampling == "importance" and cfg.clients.sampling_options.get("by") == "norm")
-            ):
+            elif cfg.clients_per_round() < cfg.data.num_clients and cfg.clients.sampling == "cyclic":
                 raise ConfigError(
                     f"ef21: stepsize = 'theory' under partial participation needs a fixed probability of "
                     f"taking part; clients.sampling = {cfg.clients.sampling!r} "
